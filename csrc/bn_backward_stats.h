@@ -1,0 +1,53 @@
+// One call of bn_backward_stats described with plain pointers, so that the kernels (CPU builds
+// for several instruction sets, and CUDA) compile without PyTorch headers. The torch-facing glue
+// (ops.cpp, cpu/ops_cpu.cpp, cuda/ops_cuda.cpp) validates tensors and fills this in.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+
+namespace gradstats {
+
+// Storage type of grad_output, input and grad_input.
+enum class ScalarKind : int { Float, Double, Half, BFloat16 };
+
+// Row of a statistics triple in the [2][3][C] float64 `stats` output.
+enum StatRow : int { kCount = 0, kMean = 1, kM2 = 2, kStatRows = 3 };
+// Which gradient a statistics block describes.
+enum StatWhich : int { kGradOutput = 0, kGradInput = 1 };
+
+struct BnBackwardProblem {
+  ScalarKind dtype;
+  // Same logical shape (N, C, H, W) and the same memory layout:
+  //   channels_last == false: [N][C][HW] (contiguous NCHW)
+  //   channels_last == true:  [N*HW][C]  (channels_last; also used for contiguous H = W = 1)
+  const void* grad_output;
+  const void* input;
+  void* grad_input;  // nullptr: grad_input is not wanted, only its statistics
+  int64_t N, C, HW;
+  bool channels_last;
+  bool train;  // true: batch statistics (dx has the reduction terms); false: running statistics
+  // Per-channel [C] arrays in the accumulation type: float, or double when dtype is Double.
+  const void* mean;
+  const void* invstd;
+  const void* weight;  // nullptr: affine=False, weight 1
+  void* grad_weight;   // out: sum dy * x_hat
+  void* grad_bias;     // out: sum dy
+  // out, [2][3][C] float64: {grad_output, grad_input} x {count, mean, m2}.
+  double* stats;
+};
+
+// Writes the moments of one gradient (which = kGradOutput or kGradInput) of channel c to stats.
+template <typename MomentsT>
+inline void store_stats(double* stats, int which, int64_t C, int64_t c, const MomentsT& m) {
+  double* base = stats + static_cast<int64_t>(which) * kStatRows * C + c;
+  base[kCount * C] = static_cast<double>(m.n);
+  base[kMean * C] = static_cast<double>(m.mean);
+  base[kM2 * C] = static_cast<double>(m.m2);
+}
+
+// CPU parallelism is injected by the glue (at::parallel_for) so kernel files need no ATen.
+using RangeFn = std::function<void(int64_t begin, int64_t end)>;
+using ParallelFor = void (*)(int64_t size, int64_t grain, const RangeFn& fn);
+
+}  // namespace gradstats

@@ -1,0 +1,17 @@
+// The instruction-set builds of the CPU kernels and the run-time choice between them.
+#pragma once
+
+#include "../bn_backward_stats.h"
+
+namespace gradstats {
+namespace cpu {
+
+// Each is bn_backward_stats_kernel.h compiled for one instruction set (bn_backward_stats_<isa>.cpp).
+void bn_backward_stats_baseline(const BnBackwardProblem& p, ParallelFor parallel_for);
+#if defined(__x86_64__)
+void bn_backward_stats_avx2(const BnBackwardProblem& p, ParallelFor parallel_for);
+void bn_backward_stats_avx512(const BnBackwardProblem& p, ParallelFor parallel_for);
+#endif
+
+}  // namespace cpu
+}  // namespace gradstats

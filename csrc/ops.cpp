@@ -1,0 +1,224 @@
+// Operator schemas of gradstats, the argument checks both backends share, and the Python module
+// stub that makes `import gradstats._C` load this library (which registers the operators).
+#include <Python.h>
+
+#include <ATen/Functions.h>
+#include <ATen/OpMathType.h>
+#include <torch/library.h>
+
+#include "ops.h"
+
+// -------------------------------------------------------------------------------------------------
+// gradstats::bn_backward_stats(Tensor grad_output, Tensor input, Tensor? weight, Tensor mean,
+//                              Tensor invstd, bool training, bool grad_input_mask)
+//     -> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias, Tensor stats)
+//
+// Batch-norm backward over (N, H, W) per channel C of a 4-D input, fused with per-channel
+// statistics of the incoming gradient dy = grad_output and the outgoing one dx = grad_input.
+//
+// Inputs
+//   grad_output, input: (N, C, H, W), same shape and dtype: float32, float64, float16 or bfloat16
+//                       (storage). Contiguous NCHW and channels_last are read in place; any other
+//                       strides are made contiguous once (one copy), grad_output is brought to
+//                       input's layout. N*H*W >= 1, and >= 2 when training.
+//   weight:             [C] or None (affine=False, weight 1).
+//   mean, invstd:       [C]: training=True: the batch mean and 1/sqrt(var + eps) the forward saved;
+//                       training=False: the running mean and 1/sqrt(running_var + eps).
+//   weight, mean and invstd may be in input's dtype or in the accumulation dtype (float32 for
+//   float16/bfloat16 storage) and must be on input's device.
+//   training:           True: dx = w*invstd*(dy - mean(dy) - x_hat*mean(dy*x_hat)); False: dx = w*invstd*dy.
+//   grad_input_mask:    False skips writing grad_input (its statistics are still computed).
+//
+// Outputs
+//   grad_input:  input's shape and layout, input's dtype; shape [0] when grad_input_mask is False.
+//   grad_weight: [C] sum(dy * x_hat); grad_bias: [C] sum(dy). In weight's dtype (the accumulation
+//                dtype when weight is None). Computed whatever the mask: they cost nothing extra.
+//   stats:       [2, 3, C] float64: stats[0] describes grad_output, stats[1] grad_input; rows are
+//                (count, mean, M2) with population variance = M2 / count.
+//
+// Precision: values accumulate in float32 (float64 for float64 storage) within chunks of at most
+// 8192 values per channel, shifted by a pivot taken from the data; chunks, threads and blocks are
+// Chan-merged in float64. Statistics describe dx as returned (after rounding to its dtype).
+//
+// Cost: the passes over memory of PyTorch's own backward (train: read dy, x; read dy, x and write
+// dx. eval: one pass) and nothing more; statistics ride on them.
+//
+// -------------------------------------------------------------------------------------------------
+// gradstats::record_grad_stats_(Tensor(a!) state, Tensor stats, float ema_decay) -> ()
+//
+// Folds one backward's stats ([2, 3, C] float64, as above) into a module's state
+// ([3, 2, 3, C] float64, slots: 0 last, 1 accumulated, 2 exponential moving average), in place and
+// without synchronising with the host:
+//   state[0] = stats;  state[1] = chan_merge(state[1], stats);
+//   state[2] = chan_merge(state[2] with its weight times ema_decay, stats), 0 <= ema_decay <= 1.
+// An empty slot has count 0.
+//
+// gradstats::cpu_capability() -> str: the CPU kernel build chosen at run time.
+// -------------------------------------------------------------------------------------------------
+
+TORCH_LIBRARY(gradstats, m) {
+  m.def(
+      "bn_backward_stats(Tensor grad_output, Tensor input, Tensor? weight, Tensor mean, "
+      "Tensor invstd, bool training, bool grad_input_mask) -> "
+      "(Tensor grad_input, Tensor grad_weight, Tensor grad_bias, Tensor stats)");
+  m.def("record_grad_stats_(Tensor(a!) state, Tensor stats, float ema_decay) -> ()");
+}
+
+namespace gradstats {
+namespace {
+
+bool is_supported_float(at::ScalarType t) {
+  return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
+}
+
+ScalarKind scalar_kind(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat:
+      return ScalarKind::Float;
+    case at::kDouble:
+      return ScalarKind::Double;
+    case at::kHalf:
+      return ScalarKind::Half;
+    default:
+      return ScalarKind::BFloat16;
+  }
+}
+
+void check_on_device(const at::Tensor& t, const char* name, const at::Tensor& input,
+                     c10::DeviceType device_type) {
+  TORCH_CHECK_VALUE(t.device().type() == device_type && t.device() == input.device(), "bn_backward_stats: ",
+                    name, " must be on input's device ", input.device(), ", got ", t.device());
+}
+
+// weight / mean / invstd: [C], in input's dtype or the accumulation dtype; returned contiguous
+// in the accumulation dtype (a copy of C values at most).
+at::Tensor per_channel_param(const at::Tensor& t, const char* name, const at::Tensor& input,
+                             at::ScalarType acc, c10::DeviceType device_type) {
+  const int64_t C = input.size(1);
+  TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == C, "bn_backward_stats: ", name,
+                    " must have shape [", C, "] (one value per channel of input), got ", t.sizes());
+  TORCH_CHECK_TYPE(t.scalar_type() == input.scalar_type() || t.scalar_type() == acc,
+                   "bn_backward_stats: ", name, " must be ", input.scalar_type(), " (like input) or ",
+                   acc, ", got ", t.scalar_type());
+  check_on_device(t, name, input, device_type);
+  return t.to(acc).contiguous();
+}
+
+}  // namespace
+
+PreparedBnBackward prepare_bn_backward(const at::Tensor& grad_output, const at::Tensor& input,
+                                       const c10::optional<at::Tensor>& weight,
+                                       const at::Tensor& mean, const at::Tensor& invstd,
+                                       bool training, bool grad_input_mask,
+                                       c10::DeviceType device_type) {
+  TORCH_CHECK_VALUE(input.dim() == 4, "bn_backward_stats: input must be a 4-D tensor (N, C, H, W), got ",
+                    input.dim(), "-D with shape ", input.sizes());
+  TORCH_CHECK_VALUE(grad_output.sizes() == input.sizes(), "bn_backward_stats: grad_output must have input's shape ",
+                    input.sizes(), ", got ", grad_output.sizes());
+  TORCH_CHECK_TYPE(is_supported_float(input.scalar_type()),
+                   "bn_backward_stats: input must be float32, float64, float16 or bfloat16, got ",
+                   input.scalar_type());
+  TORCH_CHECK_TYPE(grad_output.scalar_type() == input.scalar_type(), "bn_backward_stats: grad_output must have input's dtype ",
+                   input.scalar_type(), ", got ", grad_output.scalar_type());
+  TORCH_CHECK_VALUE(input.device().type() == device_type, "bn_backward_stats: input must be on a ",
+                    c10::DeviceTypeName(device_type, true), " device, got ", input.device());
+  check_on_device(grad_output, "grad_output", input, device_type);
+
+  const int64_t N = input.size(0), C = input.size(1), HW = input.size(2) * input.size(3);
+  TORCH_CHECK_VALUE(C >= 1, "bn_backward_stats: input must have at least one channel, got shape ",
+                    input.sizes());
+  TORCH_CHECK_VALUE(N * HW >= 1, "bn_backward_stats: input has no values per channel (empty batch): shape ",
+                    input.sizes());
+  TORCH_CHECK_VALUE(!training || N * HW >= 2,
+                    "bn_backward_stats: training needs more than 1 value per channel (as torch.nn.BatchNorm2d "
+                    "does), got input of shape ",
+                    input.sizes());
+
+  PreparedBnBackward p;
+  const at::ScalarType acc = at::toOpMathType(input.scalar_type());
+  p.param_dtype = weight.has_value() && weight->defined() ? weight->scalar_type() : acc;
+  if (weight.has_value() && weight->defined()) {
+    p.weight = per_channel_param(*weight, "weight", input, acc, device_type);
+  }
+  p.mean = per_channel_param(mean, "mean", input, acc, device_type);
+  p.invstd = per_channel_param(invstd, "invstd", input, acc, device_type);
+
+  // Layouts read in place: contiguous NCHW ([N][C][HW]) and channels_last ([N*HW][C]). With
+  // H = W = 1 both are the same [N][C] matrix, which the channels_last kernel reads best.
+  bool channels_last;
+  if (input.is_contiguous()) {
+    p.input = input;
+    channels_last = HW == 1;
+  } else if (input.is_contiguous(at::MemoryFormat::ChannelsLast)) {
+    p.input = input;
+    channels_last = true;
+  } else {
+    p.input = input.contiguous();
+    channels_last = HW == 1;
+  }
+  const bool nhwc_memory = channels_last && HW != 1;
+  p.grad_output = nhwc_memory ? grad_output.contiguous(at::MemoryFormat::ChannelsLast)
+                              : grad_output.contiguous();
+
+  const auto opts = input.options();
+  p.grad_input = grad_input_mask ? at::empty_like(p.input) : at::empty({0}, opts);
+  p.grad_weight = at::empty({C}, opts.dtype(acc));
+  p.grad_bias = at::empty({C}, opts.dtype(acc));
+  p.stats = at::empty({2, kStatRows, C}, opts.dtype(at::kDouble));
+
+  BnBackwardProblem& pr = p.problem;
+  pr.dtype = scalar_kind(input.scalar_type());
+  pr.grad_output = p.grad_output.const_data_ptr();
+  pr.input = p.input.const_data_ptr();
+  pr.grad_input = grad_input_mask ? p.grad_input.mutable_data_ptr() : nullptr;
+  pr.N = N;
+  pr.C = C;
+  pr.HW = HW;
+  pr.channels_last = channels_last;
+  pr.train = training;
+  pr.mean = p.mean.const_data_ptr();
+  pr.invstd = p.invstd.const_data_ptr();
+  pr.weight = p.weight.defined() ? p.weight.const_data_ptr() : nullptr;
+  pr.grad_weight = p.grad_weight.mutable_data_ptr();
+  pr.grad_bias = p.grad_bias.mutable_data_ptr();
+  pr.stats = p.stats.mutable_data_ptr<double>();
+  return p;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> finish_bn_backward(
+    PreparedBnBackward& p) {
+  return {p.grad_input, p.grad_weight.to(p.param_dtype), p.grad_bias.to(p.param_dtype), p.stats};
+}
+
+void check_record_grad_stats(const at::Tensor& state, const at::Tensor& stats, double ema_decay,
+                             c10::DeviceType device_type) {
+  TORCH_CHECK_VALUE(stats.dim() == 3 && stats.size(0) == 2 && stats.size(1) == kStatRows,
+                    "record_grad_stats_: stats must have shape [2, 3, C], got ", stats.sizes());
+  const int64_t C = stats.size(2);
+  TORCH_CHECK_VALUE(state.dim() == 4 && state.size(0) == 3 && state.size(1) == 2 &&
+                        state.size(2) == kStatRows && state.size(3) == C,
+                    "record_grad_stats_: state must have shape [3, 2, 3, ", C, "], got ", state.sizes());
+  TORCH_CHECK_TYPE(state.scalar_type() == at::kDouble && stats.scalar_type() == at::kDouble,
+                   "record_grad_stats_: state and stats must be float64, got ", state.scalar_type(),
+                   " and ", stats.scalar_type());
+  TORCH_CHECK_VALUE(state.device().type() == device_type && stats.device() == state.device(),
+                    "record_grad_stats_: state and stats must be on the same ",
+                    c10::DeviceTypeName(device_type, true), " device, got ", state.device(), " and ",
+                    stats.device());
+  TORCH_CHECK_VALUE(state.is_contiguous() && stats.is_contiguous(),
+                    "record_grad_stats_: state and stats must be contiguous");
+  TORCH_CHECK_VALUE(ema_decay >= 0.0 && ema_decay <= 1.0,
+                    "record_grad_stats_: ema_decay must be in [0, 1], got ", ema_decay);
+}
+
+}  // namespace gradstats
+
+extern "C" {
+// `import gradstats._C` loads this library, whose static initialisers register the operators.
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {
+      PyModuleDef_HEAD_INIT, "_C", "gradstats operators; use them through torch.ops.gradstats", -1,
+      nullptr};
+  return PyModule_Create(&module_def);
+}
+}

@@ -1,0 +1,210 @@
+"""GradStatBatchNorm2d, a drop-in nn.BatchNorm2d that records gradient statistics, and the
+helpers that put it into existing models."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from . import ops  # noqa: F401  (registers torch.ops.gradstats)
+from .stats import SLOT_ACCUMULATED, SLOT_EMA, SLOT_LAST, GradStats, new_state
+
+__all__ = ["GradStatBatchNorm2d", "convert_batchnorm", "plain_state_dict", "STATE_BUFFER"]
+
+STATE_BUFFER = "grad_stats_state"
+
+
+class _BatchNorm2dWithGradStats(torch.autograd.Function):
+    """PyTorch's own batch-norm forward; backward through gradstats::bn_backward_stats, whose
+    statistics are folded into the module's state buffer in place (no host synchronisation).
+
+    The state is handed over as a ctx attribute, not saved with save_for_backward: saved tensors
+    are version-checked, and the state legitimately changes between forward and backward when a
+    graph is backpropagated several times (retain_graph=True) or several graphs are alive.
+    """
+
+    @staticmethod
+    def forward(ctx, input, weight, bias, running_mean, running_var, state, use_batch_stats,
+                momentum, eps, ema_decay):
+        output, save_mean, save_invstd = torch.ops.aten.native_batch_norm(
+            input, weight, bias, running_mean, running_var, use_batch_stats, momentum, eps
+        )
+        if use_batch_stats:
+            mean, invstd = save_mean, save_invstd
+        else:
+            mean, invstd = running_mean, torch.rsqrt(running_var + eps)
+        ctx.save_for_backward(input, weight, mean, invstd)
+        ctx.state = state
+        ctx.use_batch_stats = use_batch_stats
+        ctx.ema_decay = ema_decay
+        return output
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        input, weight, mean, invstd = ctx.saved_tensors
+        grad_input, grad_weight, grad_bias, stats = torch.ops.gradstats.bn_backward_stats(
+            grad_output, input, weight, mean, invstd, ctx.use_batch_stats, ctx.needs_input_grad[0]
+        )
+        torch.ops.gradstats.record_grad_stats_(ctx.state, stats, ctx.ema_decay)
+        return (
+            grad_input if ctx.needs_input_grad[0] else None,
+            grad_weight if ctx.needs_input_grad[1] else None,
+            grad_bias if ctx.needs_input_grad[2] else None,
+            None, None, None, None, None, None, None,
+        )
+
+
+class GradStatBatchNorm2d(nn.BatchNorm2d):
+    """nn.BatchNorm2d that records per-channel statistics of its gradients.
+
+    Same constructor arguments, forward numerics, parameters and state_dict keys as
+    nn.BatchNorm2d, plus one buffer, ``grad_stats_state`` (see gradstats.stats). Every backward
+    pass runs the fused gradstats kernel, which also measures mean and variance per channel of
+    the gradient arriving at the layer (grad_output, dy) and of the one it sends on (grad_input,
+    dx), in the passes over memory the backward makes anyway.
+
+    Read them with ``last_grad_stats`` (the last backward), ``accumulated_grad_stats`` (every
+    backward since construction or ``reset_grad_stats()``) and ``ema_grad_stats`` (an exponential
+    moving average: each backward down-weights earlier data by ``grad_stats_ema_decay``). Each
+    is None until a backward has run. Statistics stay on the module's device in float64; reading
+    them synchronises once with the device, recording never does.
+
+    Args beyond nn.BatchNorm2d's:
+        grad_stats_ema_decay: weight kept by earlier data at each backward in ema_grad_stats, in
+            [0, 1]; 0 makes it the last backward, 1 the accumulated statistics.
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
+                 affine: bool = True, track_running_stats: bool = True, device=None, dtype=None,
+                 *, grad_stats_ema_decay: float = 0.9) -> None:
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
+        if not 0.0 <= grad_stats_ema_decay <= 1.0:
+            raise ValueError(f"grad_stats_ema_decay must be in [0, 1], got {grad_stats_ema_decay}")
+        self.grad_stats_ema_decay = float(grad_stats_ema_decay)
+        self.register_buffer(STATE_BUFFER, new_state(num_features, device=device))
+
+    # -- recorded statistics ---------------------------------------------------------------
+    @property
+    def last_grad_stats(self) -> GradStats | None:
+        return GradStats.from_slot(self.grad_stats_state[SLOT_LAST])
+
+    @property
+    def accumulated_grad_stats(self) -> GradStats | None:
+        return GradStats.from_slot(self.grad_stats_state[SLOT_ACCUMULATED])
+
+    @property
+    def ema_grad_stats(self) -> GradStats | None:
+        return GradStats.from_slot(self.grad_stats_state[SLOT_EMA])
+
+    def reset_grad_stats(self) -> None:
+        """Empties the accumulated and moving-average statistics (last_grad_stats is kept)."""
+        with torch.no_grad():
+            self.grad_stats_state[SLOT_ACCUMULATED:].zero_()
+
+    # -- forward: nn.BatchNorm2d's, step for step ------------------------------------------
+    def forward(self, input: Tensor) -> Tensor:
+        self._check_input_dim(input)
+        if self.momentum is None:
+            exponential_average_factor = 0.0
+        else:
+            exponential_average_factor = self.momentum
+        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:  # cumulative moving average
+                exponential_average_factor = 1.0 / float(self.num_batches_tracked)
+        use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
+        keep_running = not self.training or self.track_running_stats
+        running_mean = self.running_mean if keep_running else None
+        running_var = self.running_var if keep_running else None
+
+        needs_grad = torch.is_grad_enabled() and (
+            input.requires_grad
+            or (self.weight is not None and self.weight.requires_grad)
+            or (self.bias is not None and self.bias.requires_grad)
+        )
+        if not needs_grad:  # nothing to record: exactly nn.BatchNorm2d
+            return F.batch_norm(input, running_mean, running_var, self.weight, self.bias,
+                                use_batch_stats, exponential_average_factor, self.eps)
+        if use_batch_stats:
+            # The same check and message as F.batch_norm.
+            size = input.size()
+            if size[0] * size[2] * size[3] == 1:
+                raise ValueError(
+                    f"Expected more than 1 value per channel when training, got input size {size}"
+                )
+        return _BatchNorm2dWithGradStats.apply(
+            input, self.weight, self.bias, running_mean, running_var, self.grad_stats_state,
+            use_batch_stats, exponential_average_factor, self.eps, self.grad_stats_ema_decay,
+        )
+
+    # -- state_dict and device moves ---------------------------------------------------------
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        key = prefix + STATE_BUFFER
+        if key not in state_dict:  # an nn.BatchNorm2d state_dict: keep our statistics as they are
+            state_dict = dict(state_dict)
+            state_dict[key] = self.grad_stats_state
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+
+    def _apply(self, fn, recurse=True):
+        # model.half() / .to(memory_format=...) must not touch the statistics: they are float64
+        # counts and sums in a fixed layout. Follow the device move only.
+        state = self._buffers.pop(STATE_BUFFER)
+        try:
+            result = super()._apply(fn, recurse)
+        finally:
+            moved = fn(state)
+            if moved.dtype != torch.float64 or not moved.is_contiguous():
+                moved = state.to(device=moved.device)
+            self._buffers[STATE_BUFFER] = moved
+        return result
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", grad_stats_ema_decay={self.grad_stats_ema_decay}"
+
+
+def convert_batchnorm(module: nn.Module, *, grad_stats_ema_decay: float = 0.9) -> nn.Module:
+    """Replaces every nn.BatchNorm2d in ``module`` by a GradStatBatchNorm2d and returns it.
+
+    The replacement carries the same Parameter and buffer objects (an optimizer built before the
+    conversion keeps working) and the same training mode. Only modules whose type is exactly
+    nn.BatchNorm2d are replaced: subclasses may change forward, and GradStatBatchNorm2d layers
+    already converted are left alone, so converting twice is harmless. Like
+    nn.SyncBatchNorm.convert_sync_batchnorm, a bare nn.BatchNorm2d is returned converted.
+    """
+    if type(module) is nn.BatchNorm2d:
+        return _converted(module, grad_stats_ema_decay)
+    for name, child in module.named_children():
+        converted = convert_batchnorm(child, grad_stats_ema_decay=grad_stats_ema_decay)
+        if converted is not child:
+            setattr(module, name, converted)
+    return module
+
+
+def _converted(bn: nn.BatchNorm2d, ema_decay: float) -> GradStatBatchNorm2d:
+    reference = bn.weight if bn.weight is not None else bn.running_mean
+    device = reference.device if reference is not None else None
+    new = GradStatBatchNorm2d(bn.num_features, bn.eps, bn.momentum, bn.affine,
+                              bn.track_running_stats, device=device,
+                              grad_stats_ema_decay=ema_decay)
+    # Share, do not copy: same Parameters and buffers as the original layer.
+    for name, param in bn._parameters.items():
+        new._parameters[name] = param
+    for name, buf in bn._buffers.items():
+        new._buffers[name] = buf
+    new.train(bn.training)
+    if hasattr(bn, "qconfig"):
+        new.qconfig = bn.qconfig
+    return new
+
+
+def plain_state_dict(source: nn.Module | dict[str, Any]) -> dict[str, Any]:
+    """A state_dict without gradstats' statistics buffers, loadable (strict=True) into the same
+    model built with plain nn.BatchNorm2d layers."""
+    state = source.state_dict() if isinstance(source, nn.Module) else source
+    suffix = "." + STATE_BUFFER
+    return {k: v for k, v in state.items() if not (k == STATE_BUFFER or k.endswith(suffix))}

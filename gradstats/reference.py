@@ -1,0 +1,88 @@
+"""Pure-PyTorch reference of ``gradstats::bn_backward_stats``, written for reading, not speed.
+
+``bn_backward_formula`` is the batch-norm backward in plain differentiable torch ops, in whatever
+dtype it is given; the op's autograd formula (double backward) differentiates it.
+``bn_backward_stats_reference`` evaluates it in float64 and adds the per-channel statistics the
+fused kernel must reproduce; every test compares the kernels against it.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+_REDUCE_DIMS = (0, 2, 3)  # N, H, W: everything but the channel
+
+
+def _per_channel(t: Tensor) -> Tensor:
+    """[C] -> [1, C, 1, 1], to broadcast against (N, C, H, W)."""
+    return t.reshape(1, -1, 1, 1)
+
+
+def bn_backward_formula(
+    grad_output: Tensor,
+    input: Tensor,
+    weight: Tensor | None,
+    mean: Tensor,
+    invstd: Tensor,
+    training: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(grad_input, grad_weight, grad_bias) of y = w * (x - mean) * invstd + b.
+
+    Per channel, with m = N*H*W values and x_hat = (x - mean) * invstd:
+      grad_bias   = sum(dy)
+      grad_weight = sum(dy * x_hat)
+      train: grad_input = w * invstd * (dy - sum(dy)/m - x_hat * sum(dy * x_hat)/m)
+      eval:  grad_input = w * invstd * dy
+    """
+    dy, x = grad_output, input
+    m = x.numel() // x.shape[1]
+    mean, invstd = _per_channel(mean), _per_channel(invstd)
+    scale = invstd if weight is None else _per_channel(weight) * invstd
+
+    x_hat = (x - mean) * invstd
+    sum_dy = dy.sum(_REDUCE_DIMS)
+    sum_dy_xhat = (dy * x_hat).sum(_REDUCE_DIMS)
+
+    if training:
+        # term 1: dy             - the path through x_hat alone, as in eval mode
+        # term 2: sum(dy) / m    - the path through the batch mean: every x moved the mean
+        # term 3: x_hat * sum(dy * x_hat) / m - the path through the batch variance
+        term_mean = _per_channel(sum_dy) / m
+        term_var = x_hat * _per_channel(sum_dy_xhat) / m
+        grad_input = scale * (dy - term_mean - term_var)
+    else:
+        # Running statistics are constants: only term 1 remains.
+        grad_input = scale * dy
+    return grad_input, sum_dy_xhat, sum_dy
+
+
+def channel_moments(values: Tensor) -> Tensor:
+    """[3, C] float64 (count, mean, M2) of each channel of an (N, C, H, W) tensor.
+
+    Two-pass (mean first, then squared deviations from it) in float64: the textbook-exact way.
+    """
+    v = values.double()
+    count = v.numel() // v.shape[1]
+    mean = v.mean(_REDUCE_DIMS)
+    m2 = ((v - _per_channel(mean)) ** 2).sum(_REDUCE_DIMS)
+    return torch.stack([torch.full_like(mean, count), mean, m2])
+
+
+def bn_backward_stats_reference(
+    grad_output: Tensor,
+    input: Tensor,
+    weight: Tensor | None,
+    mean: Tensor,
+    invstd: Tensor,
+    training: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """float64 (grad_input, grad_weight, grad_bias, stats), stats as the op's: [2, 3, C] with
+    stats[0] for grad_output and stats[1] for grad_input, rows (count, mean, M2)."""
+    as64 = lambda t: None if t is None else t.detach().double()  # noqa: E731
+    dy, x = as64(grad_output), as64(input)
+    grad_input, grad_weight, grad_bias = bn_backward_formula(
+        dy, x, as64(weight), as64(mean), as64(invstd), training
+    )
+    stats = torch.stack([channel_moments(dy), channel_moments(grad_input)])
+    return grad_input, grad_weight, grad_bias, stats

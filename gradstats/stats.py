@@ -1,0 +1,74 @@
+"""Per-channel gradient statistics: the user-facing records and the state buffer behind them.
+
+A module that records statistics (GradStatBatchNorm2d, later gradient probes) owns one float64
+buffer ``grad_stats_state`` of shape [3, 2, 3, C]:
+  slot      0 last backward, 1 accumulated since reset, 2 exponential moving average
+  gradient  0 grad_output (dy), 1 grad_input (dx)
+  row       0 count, 1 mean, 2 M2 (sum of squared deviations from the mean)
+The backward pass updates it in place on the module's device (gradstats::record_grad_stats_), so
+training never waits for the host; ChannelStats / GradStats are snapshots made when read.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+SLOT_LAST, SLOT_ACCUMULATED, SLOT_EMA = 0, 1, 2
+GRAD_OUTPUT, GRAD_INPUT = 0, 1
+ROW_COUNT, ROW_MEAN, ROW_M2 = 0, 1, 2
+
+
+def new_state(num_channels: int, device: torch.device | str | None = None) -> Tensor:
+    """An empty statistics state: every slot has count 0."""
+    return torch.zeros(3, 2, 3, num_channels, dtype=torch.float64, device=device)
+
+
+@dataclass(frozen=True)
+class ChannelStats:
+    """Per-channel statistics of one gradient tensor over (N, H, W).
+
+    count: number of values per channel (the same for every channel); for a moving average,
+        the effective number (decayed weights), rounded. Making the record reads it from the
+        device once.
+    mean, var: [C] float64 tensors on the module's device; var is the population variance
+        (correction=0), as torch.var_mean(..., correction=0) gives.
+    """
+
+    count: int
+    mean: Tensor
+    var: Tensor
+
+    @property
+    def std(self) -> Tensor:
+        return self.var.sqrt()
+
+    @classmethod
+    def from_moments(cls, moments: Tensor) -> "ChannelStats":
+        """From a [3, C] (count, mean, M2) tensor; copies, so later updates do not leak in."""
+        count, mean, m2 = moments.unbind(0)
+        n = round(count[0].item()) if count.numel() else 0
+        var = m2 / count.clamp_min(1)
+        return cls(count=n, mean=mean.clone(), var=var)
+
+
+@dataclass(frozen=True)
+class GradStats:
+    """Statistics of the gradient a layer received (grad_output, dy) and the one it passed on
+    towards its input (grad_input, dx)."""
+
+    grad_output: ChannelStats
+    grad_input: ChannelStats
+
+    @classmethod
+    def from_slot(cls, slot: Tensor) -> "GradStats | None":
+        """From one [2, 3, C] slot of a state buffer; None when it holds no backward yet."""
+        if slot.shape[-1] == 0 or not bool(slot[GRAD_OUTPUT, ROW_COUNT, 0] > 0):
+            return None
+        return cls(
+            grad_output=ChannelStats.from_moments(slot[GRAD_OUTPUT]),
+            grad_input=ChannelStats.from_moments(slot[GRAD_INPUT]),
+        )
+

@@ -85,17 +85,25 @@ def _extensions():
     from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
-    cxx = ["-O3"]
+    # -fopenmp: at::parallel_for is a header template that parallelises through OpenMP when
+    # torch is built with it (as its Linux wheels are); without the flag it silently runs serial.
+    # -Wno-psabi: 64-byte vector types in always-inlined kernel helpers (csrc/cpu/vec.h).
+    cxx = ["-O3", "-Wno-psabi"]
+    link = []
+    if sys.platform.startswith("linux"):
+        cxx.append("-fopenmp")
+        link.append("-fopenmp")
     nvcc = ["-O3", "-lineinfo", "--expt-relaxed-constexpr"]
     if use_cuda:
         sources += sorted(glob.glob("csrc/cuda/*.cpp") + glob.glob("csrc/cuda/*.cu"))
         ext = CUDAExtension(
             "gradstats._C", sources, py_limited_api=True,
             extra_compile_args={"cxx": cxx + ["-DGRADSTATS_WITH_CUDA"], "nvcc": nvcc},
+            extra_link_args=link,
         )
     else:
         ext = CppExtension("gradstats._C", sources, py_limited_api=True,
-                           extra_compile_args={"cxx": cxx})
+                           extra_compile_args={"cxx": cxx}, extra_link_args=link)
     return [ext], {"build_ext": BuildExtension}
 
 

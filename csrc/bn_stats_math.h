@@ -8,6 +8,9 @@
 
 #if defined(__CUDACC__)
 #define GS_HOST_DEVICE __host__ __device__ __forceinline__
+#elif defined(__GNUC__)
+// Always inlined, so that each CPU instruction-set build compiles these into its own loops.
+#define GS_HOST_DEVICE inline __attribute__((always_inline))
 #else
 #define GS_HOST_DEVICE inline
 #endif

@@ -14,8 +14,8 @@
 
 namespace gradstats {
 namespace cpu {
-void bn_backward_stats_avx512(const BnBackwardProblem& p, ParallelFor parallel_for) {
-  avx512::bn_backward_stats(p, parallel_for);
+void bn_backward_stats_avx512(const BnBackwardProblem& p, ParallelFor parallel_for, int num_threads) {
+  avx512::bn_backward_stats(p, parallel_for, num_threads);
 }
 }  // namespace cpu
 }  // namespace gradstats

@@ -6,8 +6,8 @@
 
 namespace gradstats {
 namespace cpu {
-void bn_backward_stats_baseline(const BnBackwardProblem& p, ParallelFor parallel_for) {
-  baseline::bn_backward_stats(p, parallel_for);
+void bn_backward_stats_baseline(const BnBackwardProblem& p, ParallelFor parallel_for, int num_threads) {
+  baseline::bn_backward_stats(p, parallel_for, num_threads);
 }
 }  // namespace cpu
 }  // namespace gradstats

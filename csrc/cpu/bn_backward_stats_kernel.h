@@ -1,24 +1,26 @@
 // CPU kernels of bn_backward_stats. Included once per instruction set by the
 // bn_backward_stats_<isa>.cpp files, each inside its own namespace GS_CPU_ISA and compiled for that
-// instruction set; ops_cpu.cpp picks one at run time. The inner loops are written over fixed-width
-// lane arrays so the compiler vectorises them for whatever the including file targets.
+// instruction set; ops_cpu.cpp picks one at run time. Inner loops use the 64-byte vectors of
+// vec.h, so accumulators live in registers whatever the vector width of the target.
 //
 // Passes over memory (m = N*H*W values per channel):
-//   train: pass 1 reads dy, x   -> sum_dy, sum dy*(x - mean), moments of dy
+//   train: pass 1 reads dy, x   -> sum dy, sum dy*(x - mean), moments of dy
 //          pass 2 reads dy, x   -> writes dx, moments of dx
-//   eval:  one pass reads dy, x -> sum_dy, sum dy*(x - mean), moments of dy, writes dx, moments of dx
+//   eval:  one pass reads dy, x -> sum dy, sum dy*(x - mean), moments of dy, writes dx, moments of dx
 // These are the passes PyTorch's own backward makes (eval is one fewer); the statistics ride on them.
 //
 // Accumulation: within a chunk of at most kChunk values of one channel, lanes accumulate sums
 // shifted by one pivot (see chunk_pivot) in acc_t (float; double for double storage). Each chunk
-// becomes (n, mean, m2) and is Chan-merged in double. sum(dy) and sum(dy * (x - mean)), which
-// the gradients use, are summed directly, so the pivot cannot cost them accuracy. Work is split into tasks whose
-// boundaries depend only on the shape, and partial results are merged in task order, so results
-// are bitwise identical run to run and for any number of threads.
+// becomes (n, mean, m2) and is Chan-merged in double; sum(dy) = n * pivot + sum(dy - pivot) per
+// chunk, in double, as accurate as a direct sum because the pivot sits near the mean.
+// Rows are split into parts whose boundaries depend only on the shape; each (part, channel) is
+// computed the same way whichever thread runs it, and parts are merged in order, so results are
+// bitwise identical run to run and for any number of threads.
 #pragma once
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <type_traits>
 #include <vector>
 
@@ -36,16 +38,21 @@ namespace gradstats {
 namespace cpu {
 namespace GS_CPU_ISA {
 
-// Values of one channel accumulated around one pivot before they are folded into double moments.
-// Bounds the float rounding of each lane's sums (kChunk / lanes terms each).
+#include "vec.h"
+
+// Values of one channel accumulated around one pivot before they are folded into double
+// moments: bounds the float rounding of each lane's sums (kChunk / lanes terms each).
 constexpr int64_t kChunk = 8192;
+// channels_last: rows per chunk. Each lane is one channel there, so this bounds each lane's
+// terms like kChunk / 16 does for NCHW.
+constexpr int64_t kRowsPerChunk = 512;
 // A task covers about this many values, so small channels are grouped and large ones split.
 constexpr int64_t kTaskValues = 1 << 16;
-// channels_last: channels per task, so per-task lane arrays stay in L1/L2.
+// channels_last: channels per task, so each task's accumulator arrays stay in L1/L2.
 constexpr int64_t kChannelBlock = 256;
 
 template <typename scalar_t>
-using acc_type_t = std::conditional_t<std::is_same<scalar_t, double>::value, double, float>;
+using acc_type_t = typename Io<scalar_t>::acc_t;
 
 enum class Pass {
   kReduceGradOutput,  // train pass 1
@@ -53,50 +60,60 @@ enum class Pass {
   kEvalFused,         // eval: everything in one pass
 };
 
-// The per-element work of every pass. Everything is a scalar so one definition serves both the
-// NCHW loop (constants per channel, lanes along H*W) and the channels_last loop (constants and
-// lanes along channels).
-//   s_dy = sum dy and s_xmu = sum dy * (x - mean): for grad_bias, grad_weight and dx, summed
-//   directly so their rounding matches PyTorch's whatever the pivot;
-//   s1_* = sum (v - pivot), s2_* = sum (v - pivot)^2: for the moments of dy and dx.
-template <Pass P, bool kWrite, typename scalar_t, typename acc_t>
-inline void update(const scalar_t dy_stored, const scalar_t x_stored, scalar_t* dx_out, acc_t mean,
-                   acc_t scale, acc_t mean_dy, acc_t k, acc_t pivot_dy, acc_t pivot_dx,
-                   acc_t& s_dy, acc_t& s_xmu, acc_t& s1_dy, acc_t& s2_dy, acc_t& s1_dx,
-                   acc_t& s2_dx) {
-  const acc_t dy = static_cast<acc_t>(dy_stored);
-  if constexpr (P != Pass::kGradInputTrain) {
-    s_dy += dy;
-    const acc_t d = dy - pivot_dy;
-    s1_dy += d;
-    s2_dy += d * d;
-    s_xmu += dy * (static_cast<acc_t>(x_stored) - mean);
-  }
-  if constexpr (P != Pass::kReduceGradOutput) {
-    const acc_t dx_exact =
-        P == Pass::kEvalFused
-            ? grad_input_eval(dy, scale)
-            : grad_input_train(dy, static_cast<acc_t>(x_stored), mean, scale, mean_dy, k);
-    // Statistics describe the gradient as stored (rounded to scalar_t), i.e. what autograd sees.
-    const scalar_t dx_stored = static_cast<scalar_t>(dx_exact);
-    if constexpr (kWrite) {
-      *dx_out = dx_stored;
-    }
-    const acc_t e = static_cast<acc_t>(dx_stored) - pivot_dx;
-    s1_dx += e;
-    s2_dx += e * e;
-  }
+// Sums of one chunk. V is acc_t (one value) or a vector of kLanes values.
+enum SumIndex : int {
+  kSumDyXmu,  // sum dy * (x - mean), for grad_weight and dx
+  kS1Dy,      // sum (dy - pivot_dy), also gives sum dy for grad_bias and dx
+  kS2Dy,      // sum (dy - pivot_dy)^2
+  kS1Dx,      // sum (dx - pivot_dx)
+  kS2Dx,      // sum (dx - pivot_dx)^2
+  kNumSums,
+};
+
+constexpr bool pass_uses(Pass P, int sum) {
+  return sum < kS1Dx ? P != Pass::kGradInputTrain : P != Pass::kReduceGradOutput;
 }
 
-// dx of one element as update() computes it, rounded to storage: the chunk pivot for dx.
-template <Pass P, typename scalar_t, typename acc_t>
-inline acc_t stored_grad_input(scalar_t dy_stored, scalar_t x_stored, acc_t mean, acc_t scale,
-                               acc_t mean_dy, acc_t k) {
-  const acc_t dy = static_cast<acc_t>(dy_stored);
-  const acc_t dx = P == Pass::kEvalFused
-                       ? grad_input_eval(dy, scale)
-                       : grad_input_train(dy, static_cast<acc_t>(x_stored), mean, scale, mean_dy, k);
-  return static_cast<acc_t>(static_cast<scalar_t>(dx));
+template <typename V>
+struct ChunkSums {
+  V v[kNumSums];
+};
+
+// dx as stored in scalar_t (rounded), in the accumulation type: statistics describe the
+// gradient autograd receives.
+template <typename scalar_t>
+GS_VEC_INLINE typename Io<scalar_t>::vec stored_value(typename Io<scalar_t>::vec v) {
+  return Io<scalar_t>::round(v);
+}
+template <typename scalar_t>
+GS_VEC_INLINE acc_type_t<scalar_t> stored_value(acc_type_t<scalar_t> v) {
+  return Io<scalar_t>::round1(v);
+}
+
+// The per-element work of every pass, for one value (V = acc_t) or one vector of them.
+// Constants come in V as well (broadcast for NCHW, per-channel vectors for channels_last).
+// Returns dx as stored (meaningful in the passes that compute dx).
+template <Pass P, typename scalar_t, typename V>
+GS_VEC_INLINE V update(V dy, V x, V mean, V scale, V mean_dy, V k, V pivot_dy, V pivot_dx,
+                       ChunkSums<V>& s) {
+  V dx{};
+  if constexpr (P != Pass::kGradInputTrain) {
+    s.v[kSumDyXmu] += dy * (x - mean);
+    const V d = dy - pivot_dy;
+    s.v[kS1Dy] += d;
+    s.v[kS2Dy] += d * d;
+  }
+  if constexpr (P == Pass::kEvalFused) {
+    dx = stored_value<scalar_t>(grad_input_eval(dy, scale));
+  } else if constexpr (P == Pass::kGradInputTrain) {
+    dx = stored_value<scalar_t>(grad_input_train(dy, x, mean, scale, mean_dy, k));
+  }
+  if constexpr (P != Pass::kReduceGradOutput) {
+    const V e = dx - pivot_dx;
+    s.v[kS1Dx] += e;
+    s.v[kS2Dx] += e * e;
+  }
+  return dx;
 }
 
 // What one task contributes for one channel; merged across tasks in task order.
@@ -107,12 +124,50 @@ struct Partial {
   double sum_dy_xmu = 0;
 };
 
-// Pivot of a new chunk: the moments merged so far in this task, once there are some (then the
-// pivot sits within a fraction of a standard deviation of the channel mean), else the chunk's
-// first value.
+// Pivot of a new chunk: the mean of the chunks of this (part, channel) merged so far, once there
+// are some (then it sits within a fraction of a standard deviation of the channel mean), else
+// the chunk's first value. That first chunk is kept short (chunk_limit), so an unlucky first
+// value (an outlier) costs little accuracy.
 template <typename acc_t>
 inline acc_t chunk_pivot(const Moments<double>& so_far, acc_t first_value) {
   return so_far.n > 0 ? static_cast<acc_t>(so_far.mean) : first_value;
+}
+
+constexpr int64_t kFirstChunk = 256;
+
+inline int64_t chunk_limit(const Moments<double>& so_far, int64_t full) {
+  return so_far.n > 0 ? full : std::min(full, kFirstChunk);
+}
+
+// dx of one element as update() stores it: the first value of a chunk, for its pivot.
+template <Pass P, typename scalar_t, typename acc_t>
+inline acc_t first_grad_input(scalar_t dy, scalar_t x, acc_t mean, acc_t scale, acc_t mean_dy,
+                              acc_t k) {
+  ChunkSums<acc_t> unused{};
+  constexpr Pass kDxPass = P == Pass::kEvalFused ? P : Pass::kGradInputTrain;
+  return update<kDxPass, scalar_t>(Io<scalar_t>::load1(&dy), Io<scalar_t>::load1(&x), mean, scale,
+                                   mean_dy, k, acc_t(0), acc_t(0), unused);
+}
+
+// Folds the totals of a chunk of n values into a partial.
+template <Pass P>
+inline void flush_chunk(Partial& out, int64_t n, double p_dy, double p_dx, const double* totals) {
+  const double dn = static_cast<double>(n);
+  if constexpr (P != Pass::kGradInputTrain) {
+    out.sum_dy += dn * p_dy + totals[kS1Dy];
+    out.sum_dy_xmu += totals[kSumDyXmu];
+    out.dy = merge_moments(out.dy, moments_from_shifted_sums(dn, p_dy, totals[kS1Dy], totals[kS2Dy]));
+  }
+  if constexpr (P != Pass::kReduceGradOutput) {
+    out.dx = merge_moments(out.dx, moments_from_shifted_sums(dn, p_dx, totals[kS1Dx], totals[kS2Dx]));
+  }
+}
+
+template <typename Vec, int L>
+inline double lane_total(const Vec& v) {
+  double s = 0;
+  for (int l = 0; l < L; ++l) s += static_cast<double>(v[l]);
+  return s;
 }
 
 // Per-channel constants in acc_t, structure-of-arrays for the channels_last inner loop.
@@ -122,140 +177,193 @@ struct Coeffs {
   explicit Coeffs(int64_t C) : mean(C), scale(C), mean_dy(C), k(C) {}
 };
 
-template <typename acc_t, int L>
-inline double lane_sum(const acc_t* v) {
-  double s = 0;
-  for (int l = 0; l < L; ++l) s += static_cast<double>(v[l]);
-  return s;
-}
-
-// Folds a chunk's lane sums (n values, pivots p_dy / p_dx) into a partial.
-template <Pass P, typename acc_t, int L>
-inline void flush_chunk(Partial& out, int64_t n, acc_t p_dy, acc_t p_dx, const acc_t* s_dy,
-                        const acc_t* s_xmu, const acc_t* s1_dy, const acc_t* s2_dy,
-                        const acc_t* s1_dx, const acc_t* s2_dx) {
-  const double dn = static_cast<double>(n);
-  if constexpr (P != Pass::kGradInputTrain) {
-    out.dy = merge_moments(out.dy, moments_from_shifted_sums<double>(dn, p_dy, lane_sum<acc_t, L>(s1_dy),
-                                                                     lane_sum<acc_t, L>(s2_dy)));
-    out.sum_dy += lane_sum<acc_t, L>(s_dy);
-    out.sum_dy_xmu += lane_sum<acc_t, L>(s_xmu);
-  }
-  if constexpr (P != Pass::kReduceGradOutput) {
-    out.dx = merge_moments(out.dx, moments_from_shifted_sums<double>(dn, p_dx, lane_sum<acc_t, L>(s1_dx),
-                                                                     lane_sum<acc_t, L>(s2_dx)));
-  }
-}
-
 // ---------------------------------------------------------------------------------------------
 // NCHW: a task is (channel c, a range of rows n); each row is H*W contiguous values.
 template <Pass P, bool kWrite, typename scalar_t>
 void nchw_task(const BnBackwardProblem& p, const Coeffs<acc_type_t<scalar_t>>& cf, int64_t c,
                int64_t n_begin, int64_t n_end, Partial& out) {
-  using acc_t = acc_type_t<scalar_t>;
-  constexpr int L = 64 / sizeof(acc_t);  // one cache line of accumulators per sum
+  using IO = Io<scalar_t>;
+  using acc_t = typename IO::acc_t;
+  using vec = typename IO::vec;
+  constexpr int L = VecOf<acc_t>::kLanes;
   const int64_t HW = p.HW;
   const int64_t row_stride = p.C * HW;
   const scalar_t* dy = static_cast<const scalar_t*>(p.grad_output) + c * HW;
   const scalar_t* x = static_cast<const scalar_t*>(p.input) + c * HW;
   scalar_t* dx = kWrite ? static_cast<scalar_t*>(p.grad_input) + c * HW : nullptr;
   const acc_t mean = cf.mean[c], scale = cf.scale[c], mean_dy = cf.mean_dy[c], k = cf.k[c];
+  const vec mean_v = vec{} + mean, scale_v = vec{} + scale, mean_dy_v = vec{} + mean_dy,
+            k_v = vec{} + k;
 
-  alignas(64) acc_t s_dy[L], s_xmu[L], s1_dy[L], s2_dy[L], s1_dx[L], s2_dx[L];
-  int64_t filled = 0;
+  ChunkSums<vec> lanes{};   // the vector body
+  ChunkSums<acc_t> tail{};  // the remainder of rows whose length is not a multiple of L
+  int64_t filled = 0, limit = 0;
   acc_t p_dy = 0, p_dx = 0;
+  vec p_dy_v{}, p_dx_v{};
+  auto flush = [&]() {
+    double totals[kNumSums];
+    for (int q = 0; q < kNumSums; ++q) {
+      totals[q] = lane_total<vec, L>(lanes.v[q]) + static_cast<double>(tail.v[q]);
+    }
+    flush_chunk<P>(out, filled, p_dy, p_dx, totals);
+    filled = 0;
+  };
   for (int64_t n = n_begin; n < n_end; ++n) {
     const int64_t row = n * row_stride;
     for (int64_t i0 = 0; i0 < HW;) {
       if (filled == 0) {
-        for (int l = 0; l < L; ++l) s_dy[l] = s_xmu[l] = s1_dy[l] = s2_dy[l] = s1_dx[l] = s2_dx[l] = 0;
-        p_dy = chunk_pivot(out.dy, static_cast<acc_t>(dy[row + i0]));
-        p_dx = chunk_pivot(out.dx, stored_grad_input<P>(dy[row + i0], x[row + i0], mean, scale, mean_dy, k));
+        lanes = ChunkSums<vec>{};
+        tail = ChunkSums<acc_t>{};
+        p_dy = chunk_pivot(out.dy, IO::load1(dy + row + i0));
+        p_dx = chunk_pivot(out.dx, first_grad_input<P>(dy[row + i0], x[row + i0], mean, scale,
+                                                       mean_dy, k));
+        p_dy_v = vec{} + p_dy;
+        p_dx_v = vec{} + p_dx;
+        limit = chunk_limit(P == Pass::kGradInputTrain ? out.dx : out.dy, kChunk);
       }
-      const int64_t len = std::min(HW - i0, kChunk - filled);
-      const scalar_t* dy_r = dy + row + i0;
-      const scalar_t* x_r = x + row + i0;
-      scalar_t* dx_r = kWrite ? dx + row + i0 : nullptr;
+      const int64_t len = std::min(HW - i0, limit - filled);
+      const scalar_t* __restrict__ dy_r = dy + row + i0;
+      const scalar_t* __restrict__ x_r = x + row + i0;
+      scalar_t* __restrict__ dx_r = kWrite ? dx + row + i0 : nullptr;
       int64_t i = 0;
       for (; i + L <= len; i += L) {
-        for (int l = 0; l < L; ++l) {
-          update<P, kWrite>(dy_r[i + l], x_r[i + l], kWrite ? dx_r + i + l : nullptr, mean, scale,
-                            mean_dy, k, p_dy, p_dx, s_dy[l], s_xmu[l], s1_dy[l], s2_dy[l],
-                            s1_dx[l], s2_dx[l]);
-        }
+        const vec v = update<P, scalar_t>(IO::load(dy_r + i), IO::load(x_r + i), mean_v, scale_v,
+                                          mean_dy_v, k_v, p_dy_v, p_dx_v, lanes);
+        if constexpr (kWrite) IO::store(dx_r + i, v);
       }
-      for (int l = 0; i < len; ++i, ++l) {
-        update<P, kWrite>(dy_r[i], x_r[i], kWrite ? dx_r + i : nullptr, mean, scale, mean_dy, k,
-                          p_dy, p_dx, s_dy[l], s_xmu[l], s1_dy[l], s2_dy[l], s1_dx[l], s2_dx[l]);
+      for (; i < len; ++i) {
+        const acc_t v = update<P, scalar_t>(IO::load1(dy_r + i), IO::load1(x_r + i), mean, scale,
+                                            mean_dy, k, p_dy, p_dx, tail);
+        if constexpr (kWrite) IO::store1(dx_r + i, v);
       }
       filled += len;
       i0 += len;
-      if (filled == kChunk) {
-        flush_chunk<P, acc_t, L>(out, filled, p_dy, p_dx, s_dy, s_xmu, s1_dy, s2_dy, s1_dx, s2_dx);
-        filled = 0;
-      }
+      if (filled == limit) flush();
     }
   }
-  if (filled > 0) {
-    flush_chunk<P, acc_t, L>(out, filled, p_dy, p_dx, s_dy, s_xmu, s1_dy, s2_dy, s1_dx, s2_dx);
-  }
+  if (filled > 0) flush();
 }
 
 // ---------------------------------------------------------------------------------------------
 // channels_last: a task is (a range of rows r of the [N*H*W][C] matrix, a block of channels);
-// lanes run along the channels of a row, so every lane belongs to one channel.
+// lanes run along the channels of a row, so each lane belongs to one channel and the sums live
+// in per-channel arrays (touched once per row, so they stay in L1 without a dependency chain).
 template <Pass P, bool kWrite, typename scalar_t>
 void nhwc_task(const BnBackwardProblem& p, const Coeffs<acc_type_t<scalar_t>>& cf, int64_t r_begin,
                int64_t r_end, int64_t c_begin, int64_t c_end, Partial* out /* [C] */) {
-  using acc_t = acc_type_t<scalar_t>;
+  using IO = Io<scalar_t>;
+  using acc_t = typename IO::acc_t;
+  using AccIO = Io<acc_t>;
+  using vec = typename IO::vec;
+  constexpr int L = VecOf<acc_t>::kLanes;
   const int64_t C = p.C;
   const int64_t width = c_end - c_begin;
   const scalar_t* dy = static_cast<const scalar_t*>(p.grad_output) + c_begin;
   const scalar_t* x = static_cast<const scalar_t*>(p.input) + c_begin;
   scalar_t* dx = kWrite ? static_cast<scalar_t*>(p.grad_input) + c_begin : nullptr;
-  const acc_t* __restrict__ mean = cf.mean.data() + c_begin;
-  const acc_t* __restrict__ scale = cf.scale.data() + c_begin;
-  const acc_t* __restrict__ mean_dy = cf.mean_dy.data() + c_begin;
-  const acc_t* __restrict__ k = cf.k.data() + c_begin;
+  const acc_t* mean = cf.mean.data() + c_begin;
+  const acc_t* scale = cf.scale.data() + c_begin;
+  const acc_t* mean_dy = cf.mean_dy.data() + c_begin;
+  const acc_t* k = cf.k.data() + c_begin;
 
-  // 8 arrays of `width` accumulators: 6 sums and the 2 pivots of the current chunk.
-  std::vector<acc_t> buf(8 * width);
-  acc_t* __restrict__ s_dy = buf.data();
-  acc_t* __restrict__ s_xmu = s_dy + width;
-  acc_t* __restrict__ s1_dy = s_xmu + width;
-  acc_t* __restrict__ s2_dy = s1_dy + width;
-  acc_t* __restrict__ s1_dx = s2_dy + width;
-  acc_t* __restrict__ s2_dx = s1_dx + width;
-  acc_t* __restrict__ p_dy = s2_dx + width;
-  acc_t* __restrict__ p_dx = p_dy + width;
-  // Each lane is one channel, so a chunk of kChunk values per channel is kChunk rows; fewer rows
-  // keep the fold cost low relative to the row loop while bounding float error the same way.
-  const int64_t rows_per_chunk = std::max<int64_t>(1, kChunk / 16);
+  // [kNumSums][width] sums, then the pivots of the current chunk: [2][width].
+  std::vector<acc_t> buf((kNumSums + 2) * width);
+  acc_t* sums[kNumSums];
+  for (int q = 0; q < kNumSums; ++q) sums[q] = buf.data() + q * width;
+  acc_t* p_dy = buf.data() + kNumSums * width;
+  acc_t* p_dx = p_dy + width;
 
-  for (int64_t r0 = r_begin; r0 < r_end; r0 += rows_per_chunk) {
-    const int64_t r1 = std::min(r_end, r0 + rows_per_chunk);
-    std::fill(buf.begin(), buf.begin() + 6 * width, acc_t(0));
+  for (int64_t r0 = r_begin, r1 = r_begin; r0 < r_end; r0 = r1) {
+    // The first chunk of the task is short, as chunk_limit explains.
+    r1 = std::min(r_end, r0 + (r0 == r_begin ? kFirstChunk / 16 : kRowsPerChunk));
+    std::fill(buf.begin(), buf.begin() + kNumSums * width, acc_t(0));
     for (int64_t j = 0; j < width; ++j) {
       const int64_t off = r0 * C + j;
       const Partial& so_far = out[c_begin + j];
-      p_dy[j] = chunk_pivot(so_far.dy, static_cast<acc_t>(dy[off]));
-      p_dx[j] = chunk_pivot(so_far.dx, stored_grad_input<P>(dy[off], x[off], mean[j], scale[j],
-                                                              mean_dy[j], k[j]));
+      p_dy[j] = chunk_pivot(so_far.dy, IO::load1(dy + off));
+      p_dx[j] = chunk_pivot(so_far.dx, first_grad_input<P>(dy[off], x[off], mean[j], scale[j],
+                                                           mean_dy[j], k[j]));
     }
-    for (int64_t r = r0; r < r1; ++r) {
-      const scalar_t* __restrict__ dy_r = dy + r * C;
-      const scalar_t* __restrict__ x_r = x + r * C;
-      scalar_t* __restrict__ dx_r = kWrite ? dx + r * C : nullptr;
-      for (int64_t j = 0; j < width; ++j) {
-        update<P, kWrite>(dy_r[j], x_r[j], kWrite ? dx_r + j : nullptr, mean[j], scale[j],
-                          mean_dy[j], k[j], p_dy[j], p_dx[j], s_dy[j], s_xmu[j], s1_dy[j],
-                          s2_dy[j], s1_dx[j], s2_dx[j]);
+    // R rows at a time: each channel vector's sums stay in registers for R rows, so the sum
+    // arrays are read and written once per R rows instead of once per row.
+    auto rows = [&](auto rows_at_once, int64_t r) {
+      constexpr int R = decltype(rows_at_once)::value;
+      int64_t j = 0;
+      for (; j + L <= width; j += L) {
+        ChunkSums<vec> s{};
+        for (int q = 0; q < kNumSums; ++q) {
+          if (pass_uses(P, q)) s.v[q] = AccIO::load(sums[q] + j);
+        }
+        const vec mean_v = AccIO::load(mean + j), scale_v = AccIO::load(scale + j),
+                  mean_dy_v = AccIO::load(mean_dy + j), k_v = AccIO::load(k + j),
+                  p_dy_v = AccIO::load(p_dy + j), p_dx_v = AccIO::load(p_dx + j);
+        for (int i = 0; i < R; ++i) {
+          const int64_t off = (r + i) * C + j;
+          const vec v = update<P, scalar_t>(IO::load(dy + off), IO::load(x + off), mean_v, scale_v,
+                                            mean_dy_v, k_v, p_dy_v, p_dx_v, s);
+          if constexpr (kWrite) IO::store(dx + off, v);
+        }
+        for (int q = 0; q < kNumSums; ++q) {
+          if (pass_uses(P, q)) AccIO::store(sums[q] + j, s.v[q]);
+        }
+      }
+      for (; j < width; ++j) {
+        ChunkSums<acc_t> s{};
+        for (int q = 0; q < kNumSums; ++q) s.v[q] = sums[q][j];
+        for (int i = 0; i < R; ++i) {
+          const int64_t off = (r + i) * C + j;
+          const acc_t v = update<P, scalar_t>(IO::load1(dy + off), IO::load1(x + off), mean[j],
+                                              scale[j], mean_dy[j], k[j], p_dy[j], p_dx[j], s);
+          if constexpr (kWrite) IO::store1(dx + off, v);
+        }
+        for (int q = 0; q < kNumSums; ++q) sums[q][j] = s.v[q];
+      }
+    };
+    // Narrow blocks (up to 4 vectors, a multiple of L): all sums in registers for the whole
+    // chunk, rows read strictly in memory order. Wider blocks: R = 8 rows per visit.
+    auto narrow = [&](auto vectors) {
+      constexpr int K = decltype(vectors)::value;
+      ChunkSums<vec> s[K] = {};
+      vec mean_v[K], scale_v[K], mean_dy_v[K], k_v[K], p_dy_v[K], p_dx_v[K];
+      for (int b = 0; b < K; ++b) {
+        mean_v[b] = AccIO::load(mean + b * L);
+        scale_v[b] = AccIO::load(scale + b * L);
+        mean_dy_v[b] = AccIO::load(mean_dy + b * L);
+        k_v[b] = AccIO::load(k + b * L);
+        p_dy_v[b] = AccIO::load(p_dy + b * L);
+        p_dx_v[b] = AccIO::load(p_dx + b * L);
+      }
+      for (int64_t r = r0; r < r1; ++r) {
+        for (int b = 0; b < K; ++b) {
+          const int64_t off = r * C + b * L;
+          const vec v = update<P, scalar_t>(IO::load(dy + off), IO::load(x + off), mean_v[b],
+                                            scale_v[b], mean_dy_v[b], k_v[b], p_dy_v[b],
+                                            p_dx_v[b], s[b]);
+          if constexpr (kWrite) IO::store(dx + off, v);
+        }
+      }
+      for (int b = 0; b < K; ++b) {
+        for (int q = 0; q < kNumSums; ++q) {
+          if (pass_uses(P, q)) AccIO::store(sums[q] + b * L, s[b].v[q]);
+        }
+      }
+    };
+    switch (width % L == 0 ? width / L : 0) {
+      case 1: narrow(std::integral_constant<int, 1>{}); break;
+      case 2: narrow(std::integral_constant<int, 2>{}); break;
+      case 3: narrow(std::integral_constant<int, 3>{}); break;
+      case 4: narrow(std::integral_constant<int, 4>{}); break;
+      default: {
+        constexpr int kRowBlock = 8;
+        int64_t r = r0;
+        for (; r + kRowBlock <= r1; r += kRowBlock) rows(std::integral_constant<int, kRowBlock>{}, r);
+        for (; r < r1; ++r) rows(std::integral_constant<int, 1>{}, r);
       }
     }
-    const int64_t n = r1 - r0;
     for (int64_t j = 0; j < width; ++j) {
-      flush_chunk<P, acc_t, 1>(out[c_begin + j], n, p_dy[j], p_dx[j], s_dy + j, s_xmu + j,
-                               s1_dy + j, s2_dy + j, s1_dx + j, s2_dx + j);
+      double totals[kNumSums];
+      for (int q = 0; q < kNumSums; ++q) totals[q] = static_cast<double>(sums[q][j]);
+      flush_chunk<P>(out[c_begin + j], r1 - r0, p_dy[j], p_dx[j], totals);
     }
   }
 }
@@ -263,7 +371,8 @@ void nhwc_task(const BnBackwardProblem& p, const Coeffs<acc_type_t<scalar_t>>& c
 // ---------------------------------------------------------------------------------------------
 // Task layout: depends on the shape only (never on the thread count), see the file comment.
 struct Tasks {
-  int64_t parts;           // row ranges: of n (NCHW) or of the N*H*W rows (channels_last)
+  int64_t rows;            // N (NCHW) or N*H*W (channels_last)
+  int64_t parts;           // row ranges
   int64_t rows_per_part;
   int64_t channel_blocks;  // NCHW: C (one channel per block); channels_last: ceil(C / block)
   int64_t count() const { return parts * channel_blocks; }
@@ -271,44 +380,39 @@ struct Tasks {
 
 inline Tasks make_tasks(const BnBackwardProblem& p) {
   Tasks t;
-  const int64_t rows = p.channels_last ? p.N * p.HW : p.N;
+  t.rows = p.channels_last ? p.N * p.HW : p.N;
   const int64_t values_per_row = p.channels_last ? std::min<int64_t>(p.C, kChannelBlock) : p.HW;
   t.rows_per_part = std::max<int64_t>(1, kTaskValues / std::max<int64_t>(1, values_per_row));
-  t.parts = (rows + t.rows_per_part - 1) / t.rows_per_part;
+  t.parts = (t.rows + t.rows_per_part - 1) / t.rows_per_part;
   t.channel_blocks = p.channels_last ? (p.C + kChannelBlock - 1) / kChannelBlock : p.C;
   return t;
 }
 
+// Pass P over the rows of `part` for one channel block (a channel, for NCHW).
 template <Pass P, bool kWrite, typename scalar_t>
-void run_pass(const BnBackwardProblem& p, const Tasks& t, const Coeffs<acc_type_t<scalar_t>>& cf,
-              std::vector<Partial>& partials /* [parts][C] */, ParallelFor parallel_for) {
-  const int64_t rows = p.channels_last ? p.N * p.HW : p.N;
-  parallel_for(t.count(), 1, [&](int64_t begin, int64_t end) {
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t part = task / t.channel_blocks;
-      const int64_t block = task % t.channel_blocks;
-      const int64_t r0 = part * t.rows_per_part;
-      const int64_t r1 = std::min(rows, r0 + t.rows_per_part);
-      Partial* out = partials.data() + part * p.C;
-      if (p.channels_last) {
-        const int64_t c0 = block * kChannelBlock;
-        nhwc_task<P, kWrite, scalar_t>(p, cf, r0, r1, c0, std::min(p.C, c0 + kChannelBlock), out);
-      } else {
-        nchw_task<P, kWrite, scalar_t>(p, cf, block, r0, r1, out[block]);
-      }
-    }
-  });
+void run_unit(const BnBackwardProblem& p, const Tasks& t, const Coeffs<acc_type_t<scalar_t>>& cf,
+              int64_t part, int64_t block, std::vector<Partial>& partials /* [parts][C] */) {
+  const int64_t r0 = part * t.rows_per_part;
+  const int64_t r1 = std::min(t.rows, r0 + t.rows_per_part);
+  Partial* out = partials.data() + part * p.C;
+  if (p.channels_last) {
+    const int64_t c0 = block * kChannelBlock;
+    nhwc_task<P, kWrite, scalar_t>(p, cf, r0, r1, c0, std::min(p.C, c0 + kChannelBlock), out);
+  } else {
+    nchw_task<P, kWrite, scalar_t>(p, cf, block, r0, r1, out[block]);
+  }
 }
 
-template <Pass P, typename scalar_t>
-void run_pass_maybe_write(const BnBackwardProblem& p, const Tasks& t,
-                          const Coeffs<acc_type_t<scalar_t>>& cf, std::vector<Partial>& partials,
-                          ParallelFor parallel_for) {
-  if (p.grad_input != nullptr) {
-    run_pass<P, true, scalar_t>(p, t, cf, partials, parallel_for);
-  } else {
-    run_pass<P, false, scalar_t>(p, t, cf, partials, parallel_for);
-  }
+// Pass P over every (part, block) unit, in parallel.
+template <Pass P, bool kWrite, typename scalar_t>
+void run_pass(const BnBackwardProblem& p, const Tasks& t, const Coeffs<acc_type_t<scalar_t>>& cf,
+              std::vector<Partial>& partials, ParallelFor parallel_for) {
+  parallel_for(t.count(), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      run_unit<P, kWrite, scalar_t>(p, t, cf, task / t.channel_blocks, task % t.channel_blocks,
+                                    partials);
+    }
+  });
 }
 
 // Merges the partials of channel c over all parts, in part order.
@@ -325,8 +429,14 @@ inline Partial merge_channel(const std::vector<Partial>& partials, int64_t parts
   return total;
 }
 
-template <typename scalar_t>
-void bn_backward_stats_typed(const BnBackwardProblem& p, ParallelFor parallel_for) {
+// NCHW train mode with enough channels to keep every thread busy runs both passes of a channel
+// in one task: the second pass then reads what the first just brought into cache. The
+// arithmetic (parts, chunks, merge order) is the same as the two-region schedule, so results
+// do not depend on which schedule ran.
+constexpr int64_t kChannelTasksPerThread = 4;
+
+template <bool kWrite, typename scalar_t>
+void bn_backward_stats_typed(const BnBackwardProblem& p, ParallelFor parallel_for, int num_threads) {
   using acc_t = acc_type_t<scalar_t>;
   const int64_t C = p.C;
   const acc_t* mean = static_cast<const acc_t*>(p.mean);
@@ -335,50 +445,56 @@ void bn_backward_stats_typed(const BnBackwardProblem& p, ParallelFor parallel_fo
   const double m = static_cast<double>(p.N) * static_cast<double>(p.HW);
 
   const Tasks t = make_tasks(p);
-  std::vector<Partial> partials(t.parts * C);
+  std::vector<Partial> partials(t.parts * C);  // pass 1 fills .dy and sums, pass 2 .dx
   std::vector<double> sum_dy(C), sum_dy_xmu(C);
   Coeffs<acc_t> cf(C);
+  for (int64_t c = 0; c < C; ++c) cf.mean[c] = mean[c];
 
-  if (p.train) {
-    for (int64_t c = 0; c < C; ++c) cf.mean[c] = mean[c];
-    run_pass_maybe_write<Pass::kReduceGradOutput, scalar_t>(p, t, cf, partials, parallel_for);
+  // After the reduction of channel c: its sums, dy moments and the constants of dx.
+  auto finish_reduction = [&](int64_t c) {
+    const Partial total = merge_channel(partials, t.parts, C, c);
+    sum_dy[c] = total.sum_dy;
+    sum_dy_xmu[c] = total.sum_dy_xmu;
+    store_stats(p.stats, kGradOutput, C, c, total.dy);
+    // In double, rounded once to acc_t.
+    const GradInputCoeffs<double> g = grad_input_coeffs<double>(
+        p.train, m, sum_dy[c], sum_dy_xmu[c], mean[c], invstd[c], weight ? weight[c] : 1.0);
+    cf.scale[c] = static_cast<acc_t>(g.scale);
+    cf.mean_dy[c] = static_cast<acc_t>(g.mean_dy);
+    cf.k[c] = static_cast<acc_t>(g.k);
+  };
+  auto finish_grad_input = [&](int64_t c) {
+    store_stats(p.stats, kGradInput, C, c, merge_channel(partials, t.parts, C, c).dx);
+  };
+
+  if (!p.train) {
+    // Eval: dx = w * invstd * dy needs no reduction, so one pass does everything.
     for (int64_t c = 0; c < C; ++c) {
-      const Partial total = merge_channel(partials, t.parts, C, c);
-      sum_dy[c] = total.sum_dy;
-      sum_dy_xmu[c] = total.sum_dy_xmu;
-      // Constants in double, then rounded once to acc_t.
-      const GradInputCoeffs<double> g =
-          grad_input_coeffs<double>(true, m, sum_dy[c], sum_dy_xmu[c], mean[c], invstd[c],
-                                    weight ? weight[c] : 1.0);
-      cf.scale[c] = static_cast<acc_t>(g.scale);
-      cf.mean_dy[c] = static_cast<acc_t>(g.mean_dy);
-      cf.k[c] = static_cast<acc_t>(g.k);
-      // Keep the dy moments; the second pass only adds dx moments to fresh partials.
-      store_stats(p.stats, kGradOutput, C, c, total.dy);
+      cf.scale[c] = static_cast<acc_t>((weight ? weight[c] : 1.0) * static_cast<double>(invstd[c]));
     }
-    std::fill(partials.begin(), partials.end(), Partial{});
-    run_pass_maybe_write<Pass::kGradInputTrain, scalar_t>(p, t, cf, partials, parallel_for);
+    run_pass<Pass::kEvalFused, kWrite, scalar_t>(p, t, cf, partials, parallel_for);
     for (int64_t c = 0; c < C; ++c) {
-      const Partial total = merge_channel(partials, t.parts, C, c);
-      store_stats(p.stats, kGradInput, C, c, total.dx);
+      finish_reduction(c);
+      finish_grad_input(c);
     }
+  } else if (!p.channels_last && C >= kChannelTasksPerThread * num_threads) {
+    parallel_for(C, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t c = begin; c < end; ++c) {
+        for (int64_t part = 0; part < t.parts; ++part) {
+          run_unit<Pass::kReduceGradOutput, kWrite, scalar_t>(p, t, cf, part, c, partials);
+        }
+        finish_reduction(c);
+        for (int64_t part = 0; part < t.parts; ++part) {
+          run_unit<Pass::kGradInputTrain, kWrite, scalar_t>(p, t, cf, part, c, partials);
+        }
+        finish_grad_input(c);
+      }
+    });
   } else {
-    for (int64_t c = 0; c < C; ++c) {
-      const GradInputCoeffs<double> g = grad_input_coeffs<double>(
-          false, m, 0.0, 0.0, mean[c], invstd[c], weight ? weight[c] : 1.0);
-      cf.mean[c] = static_cast<acc_t>(g.mean);
-      cf.scale[c] = static_cast<acc_t>(g.scale);
-      cf.mean_dy[c] = static_cast<acc_t>(g.mean_dy);
-      cf.k[c] = static_cast<acc_t>(g.k);
-    }
-    run_pass_maybe_write<Pass::kEvalFused, scalar_t>(p, t, cf, partials, parallel_for);
-    for (int64_t c = 0; c < C; ++c) {
-      const Partial total = merge_channel(partials, t.parts, C, c);
-      sum_dy[c] = total.sum_dy;
-      sum_dy_xmu[c] = total.sum_dy_xmu;
-      store_stats(p.stats, kGradOutput, C, c, total.dy);
-      store_stats(p.stats, kGradInput, C, c, total.dx);
-    }
+    run_pass<Pass::kReduceGradOutput, kWrite, scalar_t>(p, t, cf, partials, parallel_for);
+    for (int64_t c = 0; c < C; ++c) finish_reduction(c);
+    run_pass<Pass::kGradInputTrain, kWrite, scalar_t>(p, t, cf, partials, parallel_for);
+    for (int64_t c = 0; c < C; ++c) finish_grad_input(c);
   }
   acc_t* grad_weight = static_cast<acc_t*>(p.grad_weight);
   acc_t* grad_bias = static_cast<acc_t*>(p.grad_bias);
@@ -388,16 +504,25 @@ void bn_backward_stats_typed(const BnBackwardProblem& p, ParallelFor parallel_fo
   }
 }
 
-inline void bn_backward_stats(const BnBackwardProblem& p, ParallelFor parallel_for) {
+template <typename scalar_t>
+void dispatch_write(const BnBackwardProblem& p, ParallelFor parallel_for, int num_threads) {
+  if (p.grad_input != nullptr) {
+    bn_backward_stats_typed<true, scalar_t>(p, parallel_for, num_threads);
+  } else {
+    bn_backward_stats_typed<false, scalar_t>(p, parallel_for, num_threads);
+  }
+}
+
+inline void bn_backward_stats(const BnBackwardProblem& p, ParallelFor parallel_for, int num_threads) {
   switch (p.dtype) {
     case ScalarKind::Float:
-      return bn_backward_stats_typed<float>(p, parallel_for);
+      return dispatch_write<float>(p, parallel_for, num_threads);
     case ScalarKind::Double:
-      return bn_backward_stats_typed<double>(p, parallel_for);
+      return dispatch_write<double>(p, parallel_for, num_threads);
     case ScalarKind::Half:
-      return bn_backward_stats_typed<c10::Half>(p, parallel_for);
+      return dispatch_write<c10::Half>(p, parallel_for, num_threads);
     case ScalarKind::BFloat16:
-      return bn_backward_stats_typed<c10::BFloat16>(p, parallel_for);
+      return dispatch_write<c10::BFloat16>(p, parallel_for, num_threads);
   }
 }
 

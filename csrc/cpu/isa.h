@@ -7,10 +7,10 @@ namespace gradstats {
 namespace cpu {
 
 // Each is bn_backward_stats_kernel.h compiled for one instruction set (bn_backward_stats_<isa>.cpp).
-void bn_backward_stats_baseline(const BnBackwardProblem& p, ParallelFor parallel_for);
+void bn_backward_stats_baseline(const BnBackwardProblem& p, ParallelFor parallel_for, int num_threads);
 #if defined(__x86_64__)
-void bn_backward_stats_avx2(const BnBackwardProblem& p, ParallelFor parallel_for);
-void bn_backward_stats_avx512(const BnBackwardProblem& p, ParallelFor parallel_for);
+void bn_backward_stats_avx2(const BnBackwardProblem& p, ParallelFor parallel_for, int num_threads);
+void bn_backward_stats_avx512(const BnBackwardProblem& p, ParallelFor parallel_for, int num_threads);
 #endif
 
 }  // namespace cpu

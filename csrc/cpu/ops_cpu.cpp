@@ -13,7 +13,7 @@ namespace gradstats {
 namespace cpu {
 namespace {
 
-using KernelFn = void (*)(const BnBackwardProblem&, ParallelFor);
+using KernelFn = void (*)(const BnBackwardProblem&, ParallelFor, int);
 
 struct KernelChoice {
   KernelFn fn;
@@ -56,7 +56,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_backward_stats_cpu
     const at::Tensor& mean, const at::Tensor& invstd, bool training, bool grad_input_mask) {
   PreparedBnBackward p = prepare_bn_backward(grad_output, input, weight, mean, invstd, training,
                                              grad_input_mask, c10::DeviceType::CPU);
-  kernel().fn(p.problem, &aten_parallel_for);
+  kernel().fn(p.problem, &aten_parallel_for, at::get_num_threads());
   return finish_bn_backward(p);
 }
 

@@ -1,0 +1,125 @@
+// Fixed-width vectors for the CPU kernels: 64 bytes of accumulation type (16 floats or 8
+// doubles) as GCC/Clang vector extensions, which the compiler maps onto whatever instruction set
+// the including file targets (one zmm, two ymm or four xmm registers). Loads widen the storage
+// type to the accumulation type; stores round back exactly as c10::Half / c10::BFloat16 do
+// (round to nearest even), so a vector store writes the bits a scalar static_cast would.
+//
+// Included by bn_backward_stats_kernel.h inside its instruction-set namespace, so every
+// definition here is compiled for that instruction set only.
+// It includes nothing itself (an #include inside a namespace would be wrong): the kernel header
+// includes <cstdint>, <cstring> and the c10 Half/BFloat16 headers before its namespace opens.
+#pragma once
+
+#if defined(__GNUC__) && !defined(__clang__)
+// 64-byte vectors only cross function boundaries inside this file's always-inlined helpers.
+#pragma GCC diagnostic ignored "-Wpsabi"
+#endif
+
+#define GS_VEC_INLINE inline __attribute__((always_inline))
+
+template <typename acc_t>
+struct VecOf;
+template <>
+struct VecOf<float> {
+  typedef float type __attribute__((vector_size(64)));
+  static constexpr int kLanes = 16;
+};
+template <>
+struct VecOf<double> {
+  typedef double type __attribute__((vector_size(64)));
+  static constexpr int kLanes = 8;
+};
+
+typedef _Float16 vec16_half __attribute__((vector_size(32)));
+typedef uint16_t vec16_u16 __attribute__((vector_size(32)));
+typedef uint32_t vec16_u32 __attribute__((vector_size(64)));
+typedef int32_t vec16_i32 __attribute__((vector_size(64)));
+
+template <typename To, typename From>
+GS_VEC_INLINE To bit_cast_vec(const From& from) {
+  static_assert(sizeof(To) == sizeof(From), "bit_cast_vec needs equal sizes");
+  To to;
+  std::memcpy(&to, &from, sizeof(To));
+  return to;
+}
+
+// An unaligned vector load of sizeof(V) bytes.
+template <typename V>
+GS_VEC_INLINE V load_bytes(const void* p) {
+  V v;
+  std::memcpy(&v, p, sizeof(V));
+  return v;
+}
+
+// Storage type <-> accumulation type, for kLanes consecutive values (vector) or one (scalar).
+template <typename scalar_t>
+struct Io;
+
+template <>
+struct Io<float> {
+  using acc_t = float;
+  using vec = VecOf<float>::type;
+  static GS_VEC_INLINE vec load(const float* p) { return load_bytes<vec>(p); }
+  static GS_VEC_INLINE void store(float* p, vec v) { std::memcpy(p, &v, sizeof(v)); }
+  static GS_VEC_INLINE vec round(vec v) { return v; }
+  static GS_VEC_INLINE float load1(const float* p) { return *p; }
+  static GS_VEC_INLINE void store1(float* p, float v) { *p = v; }
+  static GS_VEC_INLINE float round1(float v) { return v; }
+};
+
+template <>
+struct Io<double> {
+  using acc_t = double;
+  using vec = VecOf<double>::type;
+  static GS_VEC_INLINE vec load(const double* p) { return load_bytes<vec>(p); }
+  static GS_VEC_INLINE void store(double* p, vec v) { std::memcpy(p, &v, sizeof(v)); }
+  static GS_VEC_INLINE vec round(vec v) { return v; }
+  static GS_VEC_INLINE double load1(const double* p) { return *p; }
+  static GS_VEC_INLINE void store1(double* p, double v) { *p = v; }
+  static GS_VEC_INLINE double round1(double v) { return v; }
+};
+
+template <>
+struct Io<c10::Half> {
+  using acc_t = float;
+  using vec = VecOf<float>::type;
+  static GS_VEC_INLINE vec load(const c10::Half* p) {
+    return __builtin_convertvector(load_bytes<vec16_half>(p), vec);
+  }
+  static GS_VEC_INLINE vec16_half narrow(vec v) { return __builtin_convertvector(v, vec16_half); }
+  static GS_VEC_INLINE void store(c10::Half* p, vec v) {
+    const vec16_half h = narrow(v);
+    std::memcpy(p, &h, sizeof(h));
+  }
+  static GS_VEC_INLINE vec round(vec v) { return __builtin_convertvector(narrow(v), vec); }
+  static GS_VEC_INLINE float load1(const c10::Half* p) { return static_cast<float>(*p); }
+  static GS_VEC_INLINE void store1(c10::Half* p, float v) { *p = static_cast<c10::Half>(v); }
+  static GS_VEC_INLINE float round1(float v) { return static_cast<float>(static_cast<c10::Half>(v)); }
+};
+
+template <>
+struct Io<c10::BFloat16> {
+  using acc_t = float;
+  using vec = VecOf<float>::type;
+  static GS_VEC_INLINE vec load(const c10::BFloat16* p) {
+    const vec16_u16 bits = load_bytes<vec16_u16>(p);
+    return bit_cast_vec<vec>(__builtin_convertvector(bits, vec16_u32) << 16);
+  }
+  // c10::BFloat16's rounding: to nearest even, any NaN to the quiet NaN 0x7FC0.
+  static GS_VEC_INLINE vec16_u32 narrow_bits(vec v) {
+    const vec16_u32 u = bit_cast_vec<vec16_u32>(v);
+    const vec16_u32 rounded = (u + (0x7FFFu + ((u >> 16) & 1u))) >> 16;
+    const vec16_u32 is_nan = bit_cast_vec<vec16_u32>(vec16_i32(v != v));
+    return (rounded & ~is_nan) | (0x7FC0u & is_nan);
+  }
+  static GS_VEC_INLINE void store(c10::BFloat16* p, vec v) {
+    const vec16_u16 b = __builtin_convertvector(narrow_bits(v), vec16_u16);
+    std::memcpy(p, &b, sizeof(b));
+  }
+  static GS_VEC_INLINE vec round(vec v) { return bit_cast_vec<vec>(narrow_bits(v) << 16); }
+  static GS_VEC_INLINE float load1(const c10::BFloat16* p) { return static_cast<float>(*p); }
+  static GS_VEC_INLINE void store1(c10::BFloat16* p, float v) { *p = static_cast<c10::BFloat16>(v); }
+  static GS_VEC_INLINE float round1(float v) {
+    return static_cast<float>(static_cast<c10::BFloat16>(v));
+  }
+};

@@ -1,0 +1,69 @@
+// CUDA implementations of the gradstats operators (schemas and contracts: ../ops.cpp): argument
+// checks, device guard, current stream, workspace from the caching allocator, launch checks.
+// Only the light c10/cuda headers are included (ATen/cuda/CUDAContext.h would pull in cuSPARSE).
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <mutex>
+#include <vector>
+
+#include "../ops.h"
+#include "launch.h"
+
+namespace gradstats {
+namespace cuda {
+namespace {
+
+void check_cuda(cudaError_t err, const char* what) {
+  TORCH_CHECK(err == cudaSuccess, what, ": CUDA error ", cudaGetErrorName(err), ": ",
+              cudaGetErrorString(err));
+}
+
+int multiprocessor_count(c10::DeviceIndex device) {
+  static std::mutex mutex;
+  static std::vector<int> cache;
+  std::lock_guard<std::mutex> lock(mutex);
+  if (static_cast<size_t>(device) >= cache.size()) cache.resize(device + 1, 0);
+  if (cache[device] == 0) {
+    check_cuda(cudaDeviceGetAttribute(&cache[device], cudaDevAttrMultiProcessorCount, device),
+               "bn_backward_stats: querying the device");
+  }
+  return cache[device];
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_backward_stats_cuda(
+    const at::Tensor& grad_output, const at::Tensor& input, const c10::optional<at::Tensor>& weight,
+    const at::Tensor& mean, const at::Tensor& invstd, bool training, bool grad_input_mask) {
+  c10::cuda::CUDAGuard guard(input.device());
+  PreparedBnBackward p = prepare_bn_backward(grad_output, input, weight, mean, invstd, training,
+                                             grad_input_mask, c10::DeviceType::CUDA);
+  const int sms = multiprocessor_count(input.device().index());
+  const size_t bytes = bn_backward_stats_workspace_bytes(p.problem, sms);
+  const at::Tensor workspace =
+      at::empty({static_cast<int64_t>(bytes)}, input.options().dtype(at::kByte));
+  check_cuda(launch_bn_backward_stats(p.problem, workspace.mutable_data_ptr(), sms,
+                                      c10::cuda::getCurrentCUDAStream()),
+             "bn_backward_stats");
+  return finish_bn_backward(p);
+}
+
+void record_grad_stats_cuda(const at::Tensor& state, const at::Tensor& stats, double ema_decay) {
+  c10::cuda::CUDAGuard guard(state.device());
+  check_record_grad_stats(state, stats, ema_decay, c10::DeviceType::CUDA);
+  check_cuda(launch_record_grad_stats(state.mutable_data_ptr<double>(),
+                                      stats.const_data_ptr<double>(), stats.size(2), ema_decay,
+                                      c10::cuda::getCurrentCUDAStream()),
+             "record_grad_stats_");
+}
+
+}  // namespace
+}  // namespace cuda
+}  // namespace gradstats
+
+TORCH_LIBRARY_IMPL(gradstats, CUDA, m) {
+  m.impl("bn_backward_stats", &gradstats::cuda::bn_backward_stats_cuda);
+  m.impl("record_grad_stats_", &gradstats::cuda::record_grad_stats_cuda);
+}

@@ -36,25 +36,52 @@ class _BatchNorm2dWithGradStats(torch.autograd.Function):
             mean, invstd = save_mean, save_invstd
         else:
             mean, invstd = running_mean, torch.rsqrt(running_var + eps)
-        ctx.save_for_backward(input, weight, mean, invstd)
+        ctx.save_for_backward(input, weight, bias, mean, invstd)
         ctx.state = state
         ctx.use_batch_stats = use_batch_stats
         ctx.ema_decay = ema_decay
+        ctx.eps = eps
         return output
 
     @staticmethod
     def backward(ctx, grad_output):
-        input, weight, mean, invstd = ctx.saved_tensors
-        grad_input, grad_weight, grad_bias, stats = torch.ops.gradstats.bn_backward_stats(
-            grad_output, input, weight, mean, invstd, ctx.use_batch_stats, ctx.needs_input_grad[0]
-        )
+        input, weight, bias, mean, invstd = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        if torch.is_grad_enabled():
+            # backward(create_graph=True): the gradients must themselves be differentiable
+            # functions of input, including through the batch mean and variance, which the
+            # fused kernel treats as given. Recompute the forward with autograd for them; the
+            # fused op still measures the statistics.
+            grads = _differentiable_grads(ctx, grad_output, input, weight, bias, mean, invstd)
+            with torch.no_grad():
+                stats = torch.ops.gradstats.bn_backward_stats(
+                    grad_output, input, weight, mean, invstd, ctx.use_batch_stats, False
+                )[3]
+        else:
+            grad_input, grad_weight, grad_bias, stats = torch.ops.gradstats.bn_backward_stats(
+                grad_output, input, weight, mean, invstd, ctx.use_batch_stats, needs[0]
+            )
+            grads = (grad_input if needs[0] else None, grad_weight if needs[1] else None,
+                     grad_bias if needs[2] else None)
         torch.ops.gradstats.record_grad_stats_(ctx.state, stats, ctx.ema_decay)
-        return (
-            grad_input if ctx.needs_input_grad[0] else None,
-            grad_weight if ctx.needs_input_grad[1] else None,
-            grad_bias if ctx.needs_input_grad[2] else None,
-            None, None, None, None, None, None, None,
-        )
+        return (*grads, None, None, None, None, None, None, None)
+
+
+def _differentiable_grads(ctx, grad_output, input, weight, bias, mean, invstd):
+    """(grad_input, grad_weight, grad_bias) as differentiable tensors, from the forward
+    recomputed with autograd (no running-statistics update)."""
+    needs = ctx.needs_input_grad[:3]
+    wanted = [t for t, need in zip((input, weight, bias), needs) if need]
+    with torch.enable_grad():
+        if ctx.use_batch_stats:
+            output = torch.ops.aten.native_batch_norm(input, weight, bias, None, None, True, 0.0, ctx.eps)[0]
+        else:
+            shape = (1, -1, 1, 1)
+            output = (input - mean.reshape(shape)) * invstd.reshape(shape)
+            if weight is not None:
+                output = output * weight.reshape(shape) + bias.reshape(shape)
+        found = iter(torch.autograd.grad(output, wanted, grad_output, create_graph=True, allow_unused=True))
+    return tuple(next(found) if need else None for need in needs)
 
 
 class GradStatBatchNorm2d(nn.BatchNorm2d):
@@ -107,6 +134,12 @@ class GradStatBatchNorm2d(nn.BatchNorm2d):
     # -- forward: nn.BatchNorm2d's, step for step ------------------------------------------
     def forward(self, input: Tensor) -> Tensor:
         self._check_input_dim(input)
+        if input.size(1) != self.num_features:
+            # aten::native_batch_norm, which the recording path calls, does not check this.
+            raise RuntimeError(
+                f"{type(self).__name__}({self.num_features}): expected input with "
+                f"{self.num_features} channels (dim 1), got shape {tuple(input.shape)}"
+            )
         if self.momentum is None:
             exponential_average_factor = 0.0
         else:

@@ -116,10 +116,9 @@ def _backward(ctx, grad_grad_input, grad_grad_weight, grad_grad_bias, _grad_stat
         return tuple(result)
     create_graph = torch.is_grad_enabled()  # True only under backward(create_graph=True)
     with torch.enable_grad():
-        leaves = [
-            None if t is None else t.detach().requires_grad_(i in needed) for i, t in enumerate(saved)
-        ]
-        outputs = bn_backward_formula(*leaves, ctx.training)
+        # Differentiate the formula recomputed from the saved inputs themselves (not detached
+        # copies), so that with create_graph the result stays connected for yet another order.
+        outputs = bn_backward_formula(*saved, ctx.training)
         pairs = [
             (out, grad.to(out.dtype))
             for out, grad, used in zip(
@@ -131,7 +130,7 @@ def _backward(ctx, grad_grad_input, grad_grad_weight, grad_grad_bias, _grad_stat
             return tuple(result)
         grads = torch.autograd.grad(
             [out for out, _ in pairs],
-            [leaves[i] for i in needed],
+            [saved[i] for i in needed],
             [grad for _, grad in pairs],
             allow_unused=True,
             create_graph=create_graph,

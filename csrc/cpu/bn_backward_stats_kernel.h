@@ -11,8 +11,9 @@
 //
 // Accumulation: within a chunk of at most kChunk values of one channel, lanes accumulate sums
 // shifted by one pivot (see chunk_pivot) in acc_t (float; double for double storage). Each chunk
-// becomes (n, mean, m2) and is Chan-merged in double; sum(dy) = n * pivot + sum(dy - pivot) per
-// chunk, in double, as accurate as a direct sum because the pivot sits near the mean.
+// becomes (n, mean, m2) and is Chan-merged in double. sum(dy) and sum(dy * (x - mean)), which the
+// gradients use, are plain sums like PyTorch's: a pivot off the mean makes shifted partial sums
+// drift, which costs the moments nothing but would cost grad_bias digits.
 // Rows are split into parts whose boundaries depend only on the shape; each (part, channel) is
 // computed the same way whichever thread runs it, and parts are merged in order, so results are
 // bitwise identical run to run and for any number of threads.
@@ -62,9 +63,10 @@ enum class Pass {
 
 // Sums of one chunk. V is acc_t (one value) or a vector of kLanes values.
 enum SumIndex : int {
-  kSumDyXmu,  // sum dy * (x - mean), for grad_weight and dx
-  kS1Dy,      // sum (dy - pivot_dy), also gives sum dy for grad_bias and dx
-  kS2Dy,      // sum (dy - pivot_dy)^2
+  kSumDy,     // sum dy                 } for grad_bias, grad_weight and dx
+  kSumDyXmu,  // sum dy * (x - mean)    }
+  kS1Dy,      // sum (dy - pivot_dy)    } for the moments of dy
+  kS2Dy,      // sum (dy - pivot_dy)^2  }
   kS1Dx,      // sum (dx - pivot_dx)
   kS2Dx,      // sum (dx - pivot_dx)^2
   kNumSums,
@@ -98,6 +100,7 @@ GS_VEC_INLINE V update(V dy, V x, V mean, V scale, V mean_dy, V k, V pivot_dy, V
                        ChunkSums<V>& s) {
   V dx{};
   if constexpr (P != Pass::kGradInputTrain) {
+    s.v[kSumDy] += dy;
     s.v[kSumDyXmu] += dy * (x - mean);
     const V d = dy - pivot_dy;
     s.v[kS1Dy] += d;
@@ -154,7 +157,7 @@ template <Pass P>
 inline void flush_chunk(Partial& out, int64_t n, double p_dy, double p_dx, const double* totals) {
   const double dn = static_cast<double>(n);
   if constexpr (P != Pass::kGradInputTrain) {
-    out.sum_dy += dn * p_dy + totals[kS1Dy];
+    out.sum_dy += totals[kSumDy];
     out.sum_dy_xmu += totals[kSumDyXmu];
     out.dy = merge_moments(out.dy, moments_from_shifted_sums(dn, p_dy, totals[kS1Dy], totals[kS2Dy]));
   }
@@ -182,6 +185,7 @@ struct Coeffs {
 template <Pass P, bool kWrite, typename scalar_t>
 void nchw_task(const BnBackwardProblem& p, const Coeffs<acc_type_t<scalar_t>>& cf, int64_t c,
                int64_t n_begin, int64_t n_end, Partial& out) {
+  constexpr bool kStore = kWrite && P != Pass::kReduceGradOutput;  // pass 1 computes no dx
   using IO = Io<scalar_t>;
   using acc_t = typename IO::acc_t;
   using vec = typename IO::vec;
@@ -190,7 +194,7 @@ void nchw_task(const BnBackwardProblem& p, const Coeffs<acc_type_t<scalar_t>>& c
   const int64_t row_stride = p.C * HW;
   const scalar_t* dy = static_cast<const scalar_t*>(p.grad_output) + c * HW;
   const scalar_t* x = static_cast<const scalar_t*>(p.input) + c * HW;
-  scalar_t* dx = kWrite ? static_cast<scalar_t*>(p.grad_input) + c * HW : nullptr;
+  scalar_t* dx = kStore ? static_cast<scalar_t*>(p.grad_input) + c * HW : nullptr;
   const acc_t mean = cf.mean[c], scale = cf.scale[c], mean_dy = cf.mean_dy[c], k = cf.k[c];
   const vec mean_v = vec{} + mean, scale_v = vec{} + scale, mean_dy_v = vec{} + mean_dy,
             k_v = vec{} + k;
@@ -224,17 +228,17 @@ void nchw_task(const BnBackwardProblem& p, const Coeffs<acc_type_t<scalar_t>>& c
       const int64_t len = std::min(HW - i0, limit - filled);
       const scalar_t* __restrict__ dy_r = dy + row + i0;
       const scalar_t* __restrict__ x_r = x + row + i0;
-      scalar_t* __restrict__ dx_r = kWrite ? dx + row + i0 : nullptr;
+      scalar_t* __restrict__ dx_r = kStore ? dx + row + i0 : nullptr;
       int64_t i = 0;
       for (; i + L <= len; i += L) {
         const vec v = update<P, scalar_t>(IO::load(dy_r + i), IO::load(x_r + i), mean_v, scale_v,
                                           mean_dy_v, k_v, p_dy_v, p_dx_v, lanes);
-        if constexpr (kWrite) IO::store(dx_r + i, v);
+        if constexpr (kStore) IO::store(dx_r + i, v);
       }
       for (; i < len; ++i) {
         const acc_t v = update<P, scalar_t>(IO::load1(dy_r + i), IO::load1(x_r + i), mean, scale,
                                             mean_dy, k, p_dy, p_dx, tail);
-        if constexpr (kWrite) IO::store1(dx_r + i, v);
+        if constexpr (kStore) IO::store1(dx_r + i, v);
       }
       filled += len;
       i0 += len;
@@ -251,6 +255,7 @@ void nchw_task(const BnBackwardProblem& p, const Coeffs<acc_type_t<scalar_t>>& c
 template <Pass P, bool kWrite, typename scalar_t>
 void nhwc_task(const BnBackwardProblem& p, const Coeffs<acc_type_t<scalar_t>>& cf, int64_t r_begin,
                int64_t r_end, int64_t c_begin, int64_t c_end, Partial* out /* [C] */) {
+  constexpr bool kStore = kWrite && P != Pass::kReduceGradOutput;  // pass 1 computes no dx
   using IO = Io<scalar_t>;
   using acc_t = typename IO::acc_t;
   using AccIO = Io<acc_t>;
@@ -260,7 +265,7 @@ void nhwc_task(const BnBackwardProblem& p, const Coeffs<acc_type_t<scalar_t>>& c
   const int64_t width = c_end - c_begin;
   const scalar_t* dy = static_cast<const scalar_t*>(p.grad_output) + c_begin;
   const scalar_t* x = static_cast<const scalar_t*>(p.input) + c_begin;
-  scalar_t* dx = kWrite ? static_cast<scalar_t*>(p.grad_input) + c_begin : nullptr;
+  scalar_t* dx = kStore ? static_cast<scalar_t*>(p.grad_input) + c_begin : nullptr;
   const acc_t* mean = cf.mean.data() + c_begin;
   const acc_t* scale = cf.scale.data() + c_begin;
   const acc_t* mean_dy = cf.mean_dy.data() + c_begin;
@@ -301,7 +306,7 @@ void nhwc_task(const BnBackwardProblem& p, const Coeffs<acc_type_t<scalar_t>>& c
           const int64_t off = (r + i) * C + j;
           const vec v = update<P, scalar_t>(IO::load(dy + off), IO::load(x + off), mean_v, scale_v,
                                             mean_dy_v, k_v, p_dy_v, p_dx_v, s);
-          if constexpr (kWrite) IO::store(dx + off, v);
+          if constexpr (kStore) IO::store(dx + off, v);
         }
         for (int q = 0; q < kNumSums; ++q) {
           if (pass_uses(P, q)) AccIO::store(sums[q] + j, s.v[q]);
@@ -314,7 +319,7 @@ void nhwc_task(const BnBackwardProblem& p, const Coeffs<acc_type_t<scalar_t>>& c
           const int64_t off = (r + i) * C + j;
           const acc_t v = update<P, scalar_t>(IO::load1(dy + off), IO::load1(x + off), mean[j],
                                               scale[j], mean_dy[j], k[j], p_dy[j], p_dx[j], s);
-          if constexpr (kWrite) IO::store1(dx + off, v);
+          if constexpr (kStore) IO::store1(dx + off, v);
         }
         for (int q = 0; q < kNumSums; ++q) sums[q][j] = s.v[q];
       }
@@ -339,7 +344,7 @@ void nhwc_task(const BnBackwardProblem& p, const Coeffs<acc_type_t<scalar_t>>& c
           const vec v = update<P, scalar_t>(IO::load(dy + off), IO::load(x + off), mean_v[b],
                                             scale_v[b], mean_dy_v[b], k_v[b], p_dy_v[b],
                                             p_dx_v[b], s[b]);
-          if constexpr (kWrite) IO::store(dx + off, v);
+          if constexpr (kStore) IO::store(dx + off, v);
         }
       }
       for (int b = 0; b < K; ++b) {

@@ -1,0 +1,67 @@
+"""`gradstats demo`: convert a CIFAR ResNet, take one SGD step on the built-in digits, and print
+per-layer gradient statistics: what every BatchNorm layer received (dy) and passed on (dx)."""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+import torch.nn.functional as F
+
+from . import __version__
+from .data import digits
+from .models import cifar_resnet
+from .nn import GradStatBatchNorm2d, convert_batchnorm
+from .ops import cpu_capability, cuda_kernels_built
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--depth", type=int, default=20, help="CIFAR ResNet depth, 6n+2 (default 20)")
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--channels-last", action="store_true", help="run in channels_last memory format")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def run(args: argparse.Namespace) -> int:
+    torch.manual_seed(args.seed)
+    device = torch.device(args.device)
+    print(f"gradstats {__version__}: CPU kernels {cpu_capability()}, "
+          f"CUDA kernels {'built' if cuda_kernels_built() else 'not built'}; device {device}")
+    model = convert_batchnorm(cifar_resnet(args.depth)).to(device)
+    layers = [(name, m) for name, m in model.named_modules() if isinstance(m, GradStatBatchNorm2d)]
+    print(f"CIFAR ResNet-{args.depth}: {len(layers)} BatchNorm layers converted to GradStatBatchNorm2d")
+
+    data = digits()
+    batch = torch.randperm(len(data), generator=torch.Generator().manual_seed(args.seed))[: args.batch_size]
+    images, labels = data.tensors[0][batch].to(device), data.tensors[1][batch].to(device)
+    fmt = torch.channels_last if args.channels_last else torch.contiguous_format
+    model = model.to(memory_format=fmt)
+    images = images.contiguous(memory_format=fmt)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+
+    start = time.perf_counter()
+    loss = F.cross_entropy(model(images), labels)
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elapsed = time.perf_counter() - start
+    print(f"one SGD step on {len(labels)} built-in digit images (8x8 upscaled to 32x32): "
+          f"loss {loss.item():.3f}, {elapsed * 1e3:.0f} ms\n")
+
+    print("Per-channel statistics of the gradient each layer received (dy) and passed on (dx),")
+    print("averaged over channels; var is the population variance over (N, H, W).")
+    header = f"{'layer':<22} {'C':>4} {'count':>7} {'mean dy':>11} {'var dy':>10} {'mean dx':>11} {'var dx':>10} {'var dx/dy':>10}"
+    print(header)
+    print("-" * len(header))
+    for name, layer in layers:
+        stats = layer.last_grad_stats
+        dy, dx = stats.grad_output, stats.grad_input
+        var_dy, var_dx = dy.var.mean().item(), dx.var.mean().item()
+        ratio = var_dx / var_dy if var_dy > 0 else float("nan")
+        print(f"{name:<22} {layer.num_features:>4} {dy.count:>7} {dy.mean.mean().item():>11.3e} {var_dy:>10.3e} "
+              f"{dx.mean.mean().item():>11.3e} {var_dx:>10.3e} {ratio:>10.3g}")
+    return 0

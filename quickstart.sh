@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Sets up ./.venv with PyTorch and gradstats built from this folder, then runs one thing:
+#   ./quickstart.sh demo    one training step of an instrumented ResNet, per-layer gradient table
+#   ./quickstart.sh test    the test suite
+# Safe to run again: an existing .venv is reused and gradstats is rebuilt from the sources.
+set -euo pipefail
+cd "$(dirname "$0")"
+what="${1:-demo}"
+case "$what" in demo|test) ;; *) echo "usage: $0 demo|test" >&2; exit 2 ;; esac
+
+python="${PYTHON:-python3}"
+if [ ! -x .venv/bin/python ]; then
+  "$python" -m venv .venv
+fi
+. .venv/bin/activate
+pip install --quiet --upgrade pip setuptools wheel ninja
+# gradstats compiles against the torch in this environment; install one if there is none.
+python -c "import torch" 2>/dev/null || pip install --quiet "torch>=2.6"
+extras=""
+[ "$what" = test ] && extras="[test]"
+# --no-build-isolation: build against the torch installed above, not a fresh one.
+pip install --quiet --no-build-isolation ".$extras"
+
+if [ "$what" = demo ]; then
+  exec gradstats demo
+else
+  # The `pytest` script, not `python -m pytest`: the tests must import the installed package,
+  # not this source folder (which has no compiled extension).
+  exec pytest -q
+fi

@@ -1,0 +1,82 @@
+"""Shared test helpers: devices (CUDA cases skip cleanly without a GPU), dtypes, tolerances and
+random inputs."""
+
+from __future__ import annotations
+
+import zlib
+
+import pytest
+import torch
+
+import gradstats
+
+CUDA = torch.cuda.is_available() and gradstats.cuda_kernels_built()
+
+DEVICES = [
+    "cpu",
+    pytest.param(
+        "cuda",
+        marks=[pytest.mark.cuda, pytest.mark.skipif(not CUDA, reason="needs a CUDA device and the CUDA build")],
+    ),
+]
+
+FLOAT_DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+
+# Relative tolerance per storage dtype, against the float64 reference. Errors are measured
+# against the magnitude of the terms that were summed or subtracted (see assert_close_scaled),
+# which is what rounding is proportional to.
+#   float64: 1e-10 - sums of up to ~1e5 terms at eps 1.1e-16, with a wide margin.
+#   float32: 2e-5  - chunks of <= 8192 values in float32 (eps 6e-8): worst case 512 terms per
+#                    lane ~ 3e-5, typically far less; chunks merge in float64.
+#   float16: 2e-3  - grad_input is rounded to float16 (unit roundoff 4.9e-4) and its inputs dy, x
+#                    are float16 values; accumulation is float32.
+#   bfloat16: 1.6e-2 - the same with a unit roundoff of 3.9e-3.
+TOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def seed_for(*parts) -> int:
+    """A fixed seed per test case, so every case draws its own data reproducibly."""
+    return zlib.crc32("|".join(str(p) for p in parts).encode())
+
+
+def assert_close_scaled(actual, expected, scale, tol, what):
+    """|actual - expected| <= tol * scale elementwise (scale broadcastable), after printing the
+    worst and mean error relative to scale."""
+    actual = actual.double()
+    expected = expected.double()
+    scale = torch.as_tensor(scale, dtype=torch.float64, device=expected.device)
+    err = (actual - expected).abs() / scale.clamp_min(1e-300)
+    print(f"{what}: max rel err {err.max().item():.3e}, mean {err.mean().item():.3e} (tol {tol:.1e})")
+    assert torch.isfinite(actual).all() == torch.isfinite(expected).all(), f"{what}: finiteness differs"
+    bad = err > tol
+    assert not bad.any(), (
+        f"{what}: {int(bad.sum())} of {bad.numel()} values off by more than {tol:.1e} x scale; "
+        f"worst {err.max().item():.3e}"
+    )
+
+
+def make_bn_inputs(shape, dtype, device, *, channels_last=False, affine=True, seed=0,
+                   dy_offset=0.5, x_scale=3.0, x_offset=1.0):
+    """Random (dy, x, weight, mean, invstd) as the forward of a batch norm would save them:
+    mean and invstd are the batch statistics of x (computed in float64, stored in the
+    accumulation dtype)."""
+    g = torch.Generator().manual_seed(seed)
+    acc = accumulation_dtype(dtype)
+    x = (torch.randn(shape, generator=g, dtype=torch.float64) * x_scale + x_offset).to(dtype)
+    dy = (torch.randn(shape, generator=g, dtype=torch.float64) + dy_offset).to(dtype)
+    channels = shape[1]
+    weight = (torch.rand(channels, generator=g, dtype=torch.float64) + 0.5).to(acc) if affine else None
+    x64 = x.double()
+    mean = x64.mean((0, 2, 3))
+    var = x64.var((0, 2, 3), correction=0)
+    invstd = (var + 1e-5).rsqrt()
+    tensors = [dy, x, weight, mean.to(acc), invstd.to(acc)]
+    tensors = [None if t is None else t.to(device) for t in tensors]
+    if channels_last:
+        tensors[0] = tensors[0].contiguous(memory_format=torch.channels_last)
+        tensors[1] = tensors[1].contiguous(memory_format=torch.channels_last)
+    return tensors

@@ -6,9 +6,9 @@ For one batch-norm shape it times, on the same inputs:
   unfused  native + torch.var_mean of dy and of dx: what backward hooks cost a user today
 
 Timing: whole calls with time.perf_counter on CPU (torch.cuda.synchronize around them on GPU),
-after warm-up; the three candidates are interleaved round by round so drifts of the machine
-(frequency, other processes, the allocator's state) hit them alike; the median of the rounds is
-reported with the interquartile range.
+after warm-up; the three candidates are interleaved round by round, in an order rotated every
+round, so drifts of the machine (frequency, other processes) and cache state left by the
+previous call hit them alike; the median of the rounds is reported with the interquartile range.
 
 CPU allocations: each candidate allocates its outputs (dx alone is as large as the input). glibc
 returns large blocks to the OS and page-faults them back in on first touch, at a cost that
@@ -94,8 +94,12 @@ def _time_interleaved(fns: list[Callable[[], object]], repeats: int, device: tor
             fn()
     sync()
     times: list[list[float]] = [[] for _ in fns]
-    for _ in range(repeats):
-        for i, fn in enumerate(fns):
+    for r in range(repeats):
+        # Rotate the order every round: a candidate that always ran right after another would
+        # find that one's inputs (the same tensors) in cache.
+        for k in range(len(fns)):
+            i = (k + r) % len(fns)
+            fn = fns[i]
             sync()
             start = time.perf_counter()
             fn()

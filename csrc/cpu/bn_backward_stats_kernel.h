@@ -199,36 +199,25 @@ void nchw_task(const BnBackwardProblem& p, const Coeffs<acc_type_t<scalar_t>>& c
   const vec mean_v = vec{} + mean, scale_v = vec{} + scale, mean_dy_v = vec{} + mean_dy,
             k_v = vec{} + k;
 
-  ChunkSums<vec> lanes{};   // the vector body
-  ChunkSums<acc_t> tail{};  // the remainder of rows whose length is not a multiple of L
-  int64_t filled = 0, limit = 0;
-  acc_t p_dy = 0, p_dx = 0;
-  vec p_dy_v{}, p_dx_v{};
-  auto flush = [&]() {
-    double totals[kNumSums];
-    for (int q = 0; q < kNumSums; ++q) {
-      totals[q] = lane_total<vec, L>(lanes.v[q]) + static_cast<double>(tail.v[q]);
-    }
-    flush_chunk<P>(out, filled, p_dy, p_dx, totals);
-    filled = 0;
-  };
-  for (int64_t n = n_begin; n < n_end; ++n) {
-    const int64_t row = n * row_stride;
-    for (int64_t i0 = 0; i0 < HW;) {
-      if (filled == 0) {
-        lanes = ChunkSums<vec>{};
-        tail = ChunkSums<acc_t>{};
-        p_dy = chunk_pivot(out.dy, IO::load1(dy + row + i0));
-        p_dx = chunk_pivot(out.dx, first_grad_input<P>(dy[row + i0], x[row + i0], mean, scale,
-                                                       mean_dy, k));
-        p_dy_v = vec{} + p_dy;
-        p_dx_v = vec{} + p_dx;
-        limit = chunk_limit(P == Pass::kGradInputTrain ? out.dx : out.dy, kChunk);
-      }
+  // One iteration of the outer loop is one chunk: its sums are locals of the loop body, so they
+  // stay in registers across the rows of the chunk.
+  int64_t n = n_begin, i0 = 0;
+  while (n < n_end) {
+    const int64_t first = n * row_stride + i0;
+    const acc_t p_dy = chunk_pivot(out.dy, IO::load1(dy + first));
+    const acc_t p_dx =
+        chunk_pivot(out.dx, first_grad_input<P>(dy[first], x[first], mean, scale, mean_dy, k));
+    const vec p_dy_v = vec{} + p_dy, p_dx_v = vec{} + p_dx;
+    const int64_t limit = chunk_limit(P == Pass::kGradInputTrain ? out.dx : out.dy, kChunk);
+    ChunkSums<vec> lanes{};   // the vector body
+    ChunkSums<acc_t> tail{};  // the remainder of segments whose length is not a multiple of L
+    int64_t filled = 0;
+    while (filled < limit && n < n_end) {
       const int64_t len = std::min(HW - i0, limit - filled);
-      const scalar_t* __restrict__ dy_r = dy + row + i0;
-      const scalar_t* __restrict__ x_r = x + row + i0;
-      scalar_t* __restrict__ dx_r = kStore ? dx + row + i0 : nullptr;
+      const int64_t at = n * row_stride + i0;
+      const scalar_t* __restrict__ dy_r = dy + at;
+      const scalar_t* __restrict__ x_r = x + at;
+      scalar_t* __restrict__ dx_r = kStore ? dx + at : nullptr;
       int64_t i = 0;
       for (; i + L <= len; i += L) {
         const vec v = update<P, scalar_t>(IO::load(dy_r + i), IO::load(x_r + i), mean_v, scale_v,
@@ -242,10 +231,17 @@ void nchw_task(const BnBackwardProblem& p, const Coeffs<acc_type_t<scalar_t>>& c
       }
       filled += len;
       i0 += len;
-      if (filled == limit) flush();
+      if (i0 == HW) {
+        i0 = 0;
+        ++n;
+      }
     }
+    double totals[kNumSums];
+    for (int q = 0; q < kNumSums; ++q) {
+      totals[q] = lane_total<vec, L>(lanes.v[q]) + static_cast<double>(tail.v[q]);
+    }
+    flush_chunk<P>(out, filled, p_dy, p_dx, totals);
   }
-  if (filled > 0) flush();
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -271,7 +267,7 @@ void nhwc_task(const BnBackwardProblem& p, const Coeffs<acc_type_t<scalar_t>>& c
   const acc_t* mean_dy = cf.mean_dy.data() + c_begin;
   const acc_t* k = cf.k.data() + c_begin;
 
-  // [kNumSums][width] sums, then the pivots of the current chunk: [2][width].
+  // A chunk's sums per channel, [kNumSums][width], then its pivots, [2][width].
   std::vector<acc_t> buf((kNumSums + 2) * width);
   acc_t* sums[kNumSums];
   for (int q = 0; q < kNumSums; ++q) sums[q] = buf.data() + q * width;
@@ -281,7 +277,6 @@ void nhwc_task(const BnBackwardProblem& p, const Coeffs<acc_type_t<scalar_t>>& c
   for (int64_t r0 = r_begin, r1 = r_begin; r0 < r_end; r0 = r1) {
     // The first chunk of the task is short, as chunk_limit explains.
     r1 = std::min(r_end, r0 + (r0 == r_begin ? kFirstChunk / 16 : kRowsPerChunk));
-    std::fill(buf.begin(), buf.begin() + kNumSums * width, acc_t(0));
     for (int64_t j = 0; j < width; ++j) {
       const int64_t off = r0 * C + j;
       const Partial& so_far = out[c_begin + j];
@@ -289,58 +284,34 @@ void nhwc_task(const BnBackwardProblem& p, const Coeffs<acc_type_t<scalar_t>>& c
       p_dx[j] = chunk_pivot(so_far.dx, first_grad_input<P>(dy[off], x[off], mean[j], scale[j],
                                                            mean_dy[j], k[j]));
     }
-    // R rows at a time: each channel vector's sums stay in registers for R rows, so the sum
-    // arrays are read and written once per R rows instead of once per row.
-    auto rows = [&](auto rows_at_once, int64_t r) {
-      constexpr int R = decltype(rows_at_once)::value;
-      int64_t j = 0;
-      for (; j + L <= width; j += L) {
-        ChunkSums<vec> s{};
-        for (int q = 0; q < kNumSums; ++q) {
-          if (pass_uses(P, q)) s.v[q] = AccIO::load(sums[q] + j);
-        }
-        const vec mean_v = AccIO::load(mean + j), scale_v = AccIO::load(scale + j),
-                  mean_dy_v = AccIO::load(mean_dy + j), k_v = AccIO::load(k + j),
-                  p_dy_v = AccIO::load(p_dy + j), p_dx_v = AccIO::load(p_dx + j);
-        for (int i = 0; i < R; ++i) {
-          const int64_t off = (r + i) * C + j;
-          const vec v = update<P, scalar_t>(IO::load(dy + off), IO::load(x + off), mean_v, scale_v,
-                                            mean_dy_v, k_v, p_dy_v, p_dx_v, s);
-          if constexpr (kStore) IO::store(dx + off, v);
-        }
-        for (int q = 0; q < kNumSums; ++q) {
-          if (pass_uses(P, q)) AccIO::store(sums[q] + j, s.v[q]);
-        }
-      }
-      for (; j < width; ++j) {
-        ChunkSums<acc_t> s{};
-        for (int q = 0; q < kNumSums; ++q) s.v[q] = sums[q][j];
-        for (int i = 0; i < R; ++i) {
-          const int64_t off = (r + i) * C + j;
-          const acc_t v = update<P, scalar_t>(IO::load1(dy + off), IO::load1(x + off), mean[j],
-                                              scale[j], mean_dy[j], k[j], p_dy[j], p_dx[j], s);
-          if constexpr (kStore) IO::store1(dx + off, v);
-        }
-        for (int q = 0; q < kNumSums; ++q) sums[q][j] = s.v[q];
-      }
-    };
-    // Narrow blocks (up to 4 vectors, a multiple of L): all sums in registers for the whole
-    // chunk, rows read strictly in memory order. Wider blocks: R = 8 rows per visit.
-    auto narrow = [&](auto vectors) {
+    // Strips of K vectors of channels, each over a block of rows: the strip's sums stay in
+    // registers over the block, and memory sees mostly the data (per-row sums in arrays would
+    // cost a load and a store per sum and vector, and stores are what limits this loop). Row
+    // blocks are sized so the block's rows of dy, x and dx stay in L2 while the strips that
+    // share their cache lines pass over them.
+    const int64_t block_rows =
+        std::max<int64_t>(8, (256 * 1024) / (3 * width * static_cast<int64_t>(sizeof(scalar_t))));
+    auto strip = [&](auto vectors, int64_t j0, int64_t rb0, int64_t rb1) {
       constexpr int K = decltype(vectors)::value;
       ChunkSums<vec> s[K] = {};
       vec mean_v[K], scale_v[K], mean_dy_v[K], k_v[K], p_dy_v[K], p_dx_v[K];
       for (int b = 0; b < K; ++b) {
-        mean_v[b] = AccIO::load(mean + b * L);
-        scale_v[b] = AccIO::load(scale + b * L);
-        mean_dy_v[b] = AccIO::load(mean_dy + b * L);
-        k_v[b] = AccIO::load(k + b * L);
-        p_dy_v[b] = AccIO::load(p_dy + b * L);
-        p_dx_v[b] = AccIO::load(p_dx + b * L);
+        const int64_t j = j0 + b * L;
+        mean_v[b] = AccIO::load(mean + j);
+        scale_v[b] = AccIO::load(scale + j);
+        mean_dy_v[b] = AccIO::load(mean_dy + j);
+        k_v[b] = AccIO::load(k + j);
+        p_dy_v[b] = AccIO::load(p_dy + j);
+        p_dx_v[b] = AccIO::load(p_dx + j);
+        if (rb0 != r0) {  // carry on from the chunk's earlier row blocks
+          for (int q = 0; q < kNumSums; ++q) {
+            if (pass_uses(P, q)) s[b].v[q] = AccIO::load(sums[q] + j);
+          }
+        }
       }
-      for (int64_t r = r0; r < r1; ++r) {
+      for (int64_t r = rb0; r < rb1; ++r) {
         for (int b = 0; b < K; ++b) {
-          const int64_t off = r * C + b * L;
+          const int64_t off = r * C + j0 + b * L;
           const vec v = update<P, scalar_t>(IO::load(dy + off), IO::load(x + off), mean_v[b],
                                             scale_v[b], mean_dy_v[b], k_v[b], p_dy_v[b],
                                             p_dx_v[b], s[b]);
@@ -349,25 +320,36 @@ void nhwc_task(const BnBackwardProblem& p, const Coeffs<acc_type_t<scalar_t>>& c
       }
       for (int b = 0; b < K; ++b) {
         for (int q = 0; q < kNumSums; ++q) {
-          if (pass_uses(P, q)) AccIO::store(sums[q] + b * L, s[b].v[q]);
+          if (pass_uses(P, q)) AccIO::store(sums[q] + j0 + b * L, s[b].v[q]);
         }
       }
     };
-    switch (width % L == 0 ? width / L : 0) {
-      case 1: narrow(std::integral_constant<int, 1>{}); break;
-      case 2: narrow(std::integral_constant<int, 2>{}); break;
-      case 3: narrow(std::integral_constant<int, 3>{}); break;
-      case 4: narrow(std::integral_constant<int, 4>{}); break;
-      default: {
-        constexpr int kRowBlock = 8;
-        int64_t r = r0;
-        for (; r + kRowBlock <= r1; r += kRowBlock) rows(std::integral_constant<int, kRowBlock>{}, r);
-        for (; r < r1; ++r) rows(std::integral_constant<int, 1>{}, r);
+    // Eval keeps six sums per vector: two vectors per strip stay within the registers.
+    constexpr int kStrip = P == Pass::kEvalFused ? 2 : 4;
+    for (int64_t rb0 = r0; rb0 < r1; rb0 += block_rows) {
+      const int64_t rb1 = std::min(r1, rb0 + block_rows);
+      int64_t j = 0;
+      for (; j + kStrip * L <= width; j += kStrip * L) {
+        strip(std::integral_constant<int, kStrip>{}, j, rb0, rb1);
+      }
+      for (; j + L <= width; j += L) strip(std::integral_constant<int, 1>{}, j, rb0, rb1);
+      for (; j < width; ++j) {  // channels past the last whole vector
+        ChunkSums<acc_t> s{};
+        if (rb0 != r0) {
+          for (int q = 0; q < kNumSums; ++q) s.v[q] = sums[q][j];
+        }
+        for (int64_t r = rb0; r < rb1; ++r) {
+          const int64_t off = r * C + j;
+          const acc_t v = update<P, scalar_t>(IO::load1(dy + off), IO::load1(x + off), mean[j],
+                                              scale[j], mean_dy[j], k[j], p_dy[j], p_dx[j], s);
+          if constexpr (kStore) IO::store1(dx + off, v);
+        }
+        for (int q = 0; q < kNumSums; ++q) sums[q][j] = s.v[q];
       }
     }
     for (int64_t j = 0; j < width; ++j) {
       double totals[kNumSums];
-      for (int q = 0; q < kNumSums; ++q) totals[q] = static_cast<double>(sums[q][j]);
+      for (int q = 0; q < kNumSums; ++q) totals[q] = pass_uses(P, q) ? static_cast<double>(sums[q][j]) : 0.0;
       flush_chunk<P>(out[c_begin + j], r1 - r0, p_dy[j], p_dx[j], totals);
     }
   }

@@ -31,3 +31,42 @@ def test_record_grad_stats_checks(case, error, message):
     with pytest.raises(error, match=message):
         record_grad_stats_(*case)
     assert torch.equal(state, case[0])
+
+
+_ISA_SCRIPT = r"""
+import sys, torch, gradstats
+sys.path.insert(0, {tests!r})
+from conftest import make_bn_inputs
+from test_op import check_against_reference
+assert gradstats.cpu_capability() == {isa!r}, gradstats.cpu_capability()
+for channels_last in (False, True):
+    for dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
+        for shape in ((3, 17, 9, 9), (5, 48, 4, 4), (3, 300, 2, 3)):
+            for training in (True, False):
+                dy, x, w, m, i = make_bn_inputs(shape, dtype, "cpu", channels_last=channels_last, seed=1)
+                out = gradstats.bn_backward_stats(dy, x, w, m, i, training, True)
+                check_against_reference(out, dy, x, w, m, i, training, True, dtype)
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("isa", ["baseline", "avx2", "avx512"])
+def test_every_cpu_build_matches_the_reference(isa, tmp_path):
+    """Each instruction-set build of the CPU kernels (chosen with GRADSTATS_CPU_CAPABILITY in a
+    fresh process) agrees with the float64 reference."""
+    import subprocess
+    import sys
+
+    probe = subprocess.run(
+        [sys.executable, "-c", "import gradstats; print(gradstats.cpu_capability())"],
+        env={**os.environ, "GRADSTATS_CPU_CAPABILITY": isa}, capture_output=True, text=True, check=True,
+        cwd=tmp_path,  # not the source folder: `import gradstats` must find the installed package
+    )
+    if probe.stdout.strip() != isa:
+        pytest.skip(f"this CPU cannot run the {isa} build (it runs {probe.stdout.strip()})")
+    tests = os.path.dirname(os.path.abspath(__file__))
+    result = subprocess.run(
+        [sys.executable, "-c", _ISA_SCRIPT.format(tests=tests, isa=isa)],
+        env={**os.environ, "GRADSTATS_CPU_CAPABILITY": isa}, capture_output=True, text=True, cwd=tmp_path,
+    )
+    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stdout + result.stderr

@@ -1,28 +1,6 @@
 // AVX-512 build of the CPU kernels; ops_cpu.cpp calls it only on CPUs that have it.
-#include "isa_prelude.h"
-
 #if defined(__x86_64__)
-#if defined(__clang__)
-#pragma clang attribute push(__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma,f16c"))), apply_to = function)
-#else
-#pragma GCC push_options
-#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,fma,f16c,prefer-vector-width=512")
-#endif
-
 #define GS_CPU_ISA avx512
-#include "bn_backward_stats_kernel.h"
-
-namespace gradstats {
-namespace cpu {
-void bn_backward_stats_avx512(const BnBackwardProblem& p, ParallelFor parallel_for, int num_threads) {
-  avx512::bn_backward_stats(p, parallel_for, num_threads);
-}
-}  // namespace cpu
-}  // namespace gradstats
-
-#if defined(__clang__)
-#pragma clang attribute pop
-#else
-#pragma GCC pop_options
+#define GS_CPU_ISA_TARGET "avx512f,avx512bw,avx512vl,avx512dq,fma,f16c,prefer-vector-width=512"
+#include "isa_build.h"
 #endif
-#endif  // __x86_64__

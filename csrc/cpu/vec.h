@@ -55,29 +55,22 @@ GS_VEC_INLINE V load_bytes(const void* p) {
 template <typename scalar_t>
 struct Io;
 
-template <>
-struct Io<float> {
-  using acc_t = float;
-  using vec = VecOf<float>::type;
-  static GS_VEC_INLINE vec load(const float* p) { return load_bytes<vec>(p); }
-  static GS_VEC_INLINE void store(float* p, vec v) { std::memcpy(p, &v, sizeof(v)); }
+// float and double are stored as they accumulate.
+template <typename T>
+struct IoSame {
+  using acc_t = T;
+  using vec = typename VecOf<T>::type;
+  static GS_VEC_INLINE vec load(const T* p) { return load_bytes<vec>(p); }
+  static GS_VEC_INLINE void store(T* p, vec v) { std::memcpy(p, &v, sizeof(v)); }
   static GS_VEC_INLINE vec round(vec v) { return v; }
-  static GS_VEC_INLINE float load1(const float* p) { return *p; }
-  static GS_VEC_INLINE void store1(float* p, float v) { *p = v; }
-  static GS_VEC_INLINE float round1(float v) { return v; }
+  static GS_VEC_INLINE T load1(const T* p) { return *p; }
+  static GS_VEC_INLINE void store1(T* p, T v) { *p = v; }
+  static GS_VEC_INLINE T round1(T v) { return v; }
 };
-
 template <>
-struct Io<double> {
-  using acc_t = double;
-  using vec = VecOf<double>::type;
-  static GS_VEC_INLINE vec load(const double* p) { return load_bytes<vec>(p); }
-  static GS_VEC_INLINE void store(double* p, vec v) { std::memcpy(p, &v, sizeof(v)); }
-  static GS_VEC_INLINE vec round(vec v) { return v; }
-  static GS_VEC_INLINE double load1(const double* p) { return *p; }
-  static GS_VEC_INLINE void store1(double* p, double v) { *p = v; }
-  static GS_VEC_INLINE double round1(double v) { return v; }
-};
+struct Io<float> : IoSame<float> {};
+template <>
+struct Io<double> : IoSame<double> {};
 
 template <>
 struct Io<c10::Half> {

@@ -16,8 +16,18 @@ fi
 pip install --quiet --upgrade pip setuptools wheel ninja
 # gradstats compiles against the torch in this environment; install one if there is none.
 python -c "import torch" 2>/dev/null || pip install --quiet "torch>=2.6"
+pip install --quiet numpy
 extras=""
-[ "$what" = test ] && extras="[test]"
+if [ "$what" = test ]; then
+  extras="[test]"
+  # torchvision is optional (instrument() also probes its ResNets); only the release built for
+  # this torch works beside it (torch 2.X.Y <-> torchvision 0.(X+15).Y), so ask for that one
+  # and never let it replace torch. If it is not available, its tests skip.
+  if ! python -c "import torchvision" 2>/dev/null; then
+    tv=$(python -c "import torch; v = torch.__version__.split('+')[0].split('.'); print(f'0.{int(v[1]) + 15}.{v[2]}')")
+    pip install --quiet --no-deps "torchvision==$tv" || echo "torchvision $tv unavailable: its tests will skip"
+  fi
+fi
 # --no-build-isolation: build against the torch installed above, not a fresh one.
 pip install --quiet --no-build-isolation ".$extras"
 

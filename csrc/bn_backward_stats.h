@@ -27,6 +27,9 @@ struct BnBackwardProblem {
   int64_t N, C, HW;
   bool channels_last;
   bool train;  // true: batch statistics (dx has the reduction terms); false: running statistics
+  // gradstats::channel_moments: only the moments of grad_output (stats[0]); input, weight, mean,
+  // invstd and the other outputs are not used.
+  bool moments_only;
   // Per-channel [C] arrays in the accumulation type: float, or double when dtype is Double.
   const void* mean;
   const void* invstd;

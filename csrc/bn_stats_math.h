@@ -98,15 +98,16 @@ GS_HOST_DEVICE T grad_input_eval(T dy, T scale) {
 }
 
 // Folds one backward's statistics into a module's state (gradstats::record_grad_stats_):
-//   stats: [2][3][C] = {grad_output, grad_input} x {count, mean, m2} x channel
-//   state: [3][2][3][C], slots {last, accumulated, exponential moving average} of that layout.
-// Handles element i in [0, 2*C) of the (gradient, channel) pairs; the CPU loops over i, CUDA
+//   stats: [G][3][C] = gradient x {count, mean, m2} x channel (G = 2 for a batch-norm layer:
+//          grad_output and grad_input; G = 1 for a gradient probe)
+//   state: [3][G][3][C], slots {last, accumulated, exponential moving average} of that layout.
+// Handles element i in [0, G*C) of the (gradient, channel) pairs; the CPU loops over i, CUDA
 // gives each thread one i.
-GS_HOST_DEVICE void record_moments(double* state, const double* stats, long long C, long long i,
-                                   double ema_decay) {
+GS_HOST_DEVICE void record_moments(double* state, const double* stats, long long G, long long C,
+                                   long long i, double ema_decay) {
   const long long which = i / C, c = i % C;
   const long long count = (which * 3 + 0) * C + c, mean = count + C, m2 = mean + C;
-  const long long slot = 2 * 3 * C;
+  const long long slot = G * 3 * C;
   const Moments<double> fresh{stats[count], stats[mean], stats[m2]};
   double* slots[3] = {state, state + slot, state + 2 * slot};
   const Moments<double> accumulated =

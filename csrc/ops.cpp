@@ -4,6 +4,8 @@
 
 #include <ATen/Functions.h>
 #include <ATen/OpMathType.h>
+#include <tuple>
+#include <utility>
 #include <torch/library.h>
 
 #include "ops.h"
@@ -46,12 +48,19 @@
 // -------------------------------------------------------------------------------------------------
 // gradstats::record_grad_stats_(Tensor(a!) state, Tensor stats, float ema_decay) -> ()
 //
-// Folds one backward's stats ([2, 3, C] float64, as above) into a module's state
-// ([3, 2, 3, C] float64, slots: 0 last, 1 accumulated, 2 exponential moving average), in place and
-// without synchronising with the host:
+// Folds one backward's stats ([G, 3, C] float64 for G gradients: G = 2 as bn_backward_stats
+// returns them, G = 1 for a probe) into a module's state ([3, G, 3, C] float64, slots: 0 last,
+// 1 accumulated, 2 exponential moving average), in place and without synchronising with the host:
 //   state[0] = stats;  state[1] = chan_merge(state[1], stats);
 //   state[2] = chan_merge(state[2] with its weight times ema_decay, stats), 0 <= ema_decay <= 1.
 // An empty slot has count 0.
+//
+// gradstats::channel_moments(Tensor input) -> Tensor
+//
+// Per-channel statistics of a (N, C, H, W) or (N, C) tensor over every dimension but C:
+// [3, C] float64 rows (count, mean, M2), computed like bn_backward_stats' statistics (one read
+// pass, shifted sums in chunks, Chan merges in float64). Layouts as bn_backward_stats. Gradient
+// probes call it on the gradient that flows through them.
 //
 // gradstats::cpu_capability() -> str: the CPU kernel build chosen at run time.
 // -------------------------------------------------------------------------------------------------
@@ -62,6 +71,7 @@ TORCH_LIBRARY(gradstats, m) {
       "Tensor invstd, bool training, bool grad_input_mask) -> "
       "(Tensor grad_input, Tensor grad_weight, Tensor grad_bias, Tensor stats)");
   m.def("record_grad_stats_(Tensor(a!) state, Tensor stats, float ema_decay) -> ()");
+  m.def("channel_moments(Tensor input) -> Tensor");
 }
 
 namespace gradstats {
@@ -104,6 +114,16 @@ at::Tensor per_channel_param(const at::Tensor& t, const char* name, const at::Te
   return t.to(acc).contiguous();
 }
 
+// Layouts read in place: contiguous NCHW ([N][C][HW]) and channels_last ([N*HW][C]). With
+// H = W = 1 both are the same [N][C] matrix, which the channels_last kernel reads best. Any
+// other strides are made contiguous once. Returns the tensor to read and whether it is
+// channels_last for the kernels.
+std::pair<at::Tensor, bool> readable_layout(const at::Tensor& t, int64_t HW) {
+  if (t.is_contiguous()) return {t, HW == 1};
+  if (t.is_contiguous(at::MemoryFormat::ChannelsLast)) return {t, true};
+  return {t.contiguous(), HW == 1};
+}
+
 }  // namespace
 
 PreparedBnBackward prepare_bn_backward(const at::Tensor& grad_output, const at::Tensor& input,
@@ -143,19 +163,8 @@ PreparedBnBackward prepare_bn_backward(const at::Tensor& grad_output, const at::
   p.mean = per_channel_param(mean, "mean", input, acc, device_type);
   p.invstd = per_channel_param(invstd, "invstd", input, acc, device_type);
 
-  // Layouts read in place: contiguous NCHW ([N][C][HW]) and channels_last ([N*HW][C]). With
-  // H = W = 1 both are the same [N][C] matrix, which the channels_last kernel reads best.
   bool channels_last;
-  if (input.is_contiguous()) {
-    p.input = input;
-    channels_last = HW == 1;
-  } else if (input.is_contiguous(at::MemoryFormat::ChannelsLast)) {
-    p.input = input;
-    channels_last = true;
-  } else {
-    p.input = input.contiguous();
-    channels_last = HW == 1;
-  }
+  std::tie(p.input, channels_last) = readable_layout(input, HW);
   const bool nhwc_memory = channels_last && HW != 1;
   p.grad_output = nhwc_memory ? grad_output.contiguous(at::MemoryFormat::ChannelsLast)
                               : grad_output.contiguous();
@@ -176,6 +185,7 @@ PreparedBnBackward prepare_bn_backward(const at::Tensor& grad_output, const at::
   pr.HW = HW;
   pr.channels_last = channels_last;
   pr.train = training;
+  pr.moments_only = false;
   pr.mean = p.mean.const_data_ptr();
   pr.invstd = p.invstd.const_data_ptr();
   pr.weight = p.weight.defined() ? p.weight.const_data_ptr() : nullptr;
@@ -190,14 +200,47 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> finish_bn_backward(
   return {p.grad_input, p.grad_weight.to(p.param_dtype), p.grad_bias.to(p.param_dtype), p.stats};
 }
 
+PreparedMoments prepare_channel_moments(const at::Tensor& input, c10::DeviceType device_type) {
+  TORCH_CHECK_VALUE(input.dim() == 4 || input.dim() == 2,
+                    "channel_moments: input must be a 4-D (N, C, H, W) or 2-D (N, C) tensor, got ",
+                    input.dim(), "-D with shape ", input.sizes());
+  TORCH_CHECK_TYPE(is_supported_float(input.scalar_type()),
+                   "channel_moments: input must be float32, float64, float16 or bfloat16, got ",
+                   input.scalar_type());
+  TORCH_CHECK_VALUE(input.device().type() == device_type, "channel_moments: input must be on a ",
+                    c10::DeviceTypeName(device_type, true), " device, got ", input.device());
+  const at::Tensor x = input.dim() == 2 ? input.unsqueeze(2).unsqueeze(3) : input;
+  const int64_t N = x.size(0), C = x.size(1), HW = x.size(2) * x.size(3);
+  TORCH_CHECK_VALUE(C >= 1 && N * HW >= 1,
+                    "channel_moments: input needs at least one channel and one value per channel, got shape ",
+                    input.sizes());
+  PreparedMoments p;
+  bool channels_last;
+  std::tie(p.input, channels_last) = readable_layout(x, HW);
+  p.stats = at::empty({1, kStatRows, C}, input.options().dtype(at::kDouble));
+  BnBackwardProblem& pr = p.problem;
+  pr = BnBackwardProblem{};
+  pr.dtype = scalar_kind(input.scalar_type());
+  pr.grad_output = p.input.const_data_ptr();
+  pr.input = pr.grad_output;  // read as x too by code shared with the backward; never used
+  pr.N = N;
+  pr.C = C;
+  pr.HW = HW;
+  pr.channels_last = channels_last;
+  pr.moments_only = true;
+  pr.stats = p.stats.mutable_data_ptr<double>();
+  return p;
+}
+
 void check_record_grad_stats(const at::Tensor& state, const at::Tensor& stats, double ema_decay,
                              c10::DeviceType device_type) {
-  TORCH_CHECK_VALUE(stats.dim() == 3 && stats.size(0) == 2 && stats.size(1) == kStatRows,
-                    "record_grad_stats_: stats must have shape [2, 3, C], got ", stats.sizes());
-  const int64_t C = stats.size(2);
-  TORCH_CHECK_VALUE(state.dim() == 4 && state.size(0) == 3 && state.size(1) == 2 &&
+  TORCH_CHECK_VALUE(stats.dim() == 3 && stats.size(0) >= 1 && stats.size(1) == kStatRows,
+                    "record_grad_stats_: stats must have shape [G, 3, C], got ", stats.sizes());
+  const int64_t G = stats.size(0), C = stats.size(2);
+  TORCH_CHECK_VALUE(state.dim() == 4 && state.size(0) == 3 && state.size(1) == G &&
                         state.size(2) == kStatRows && state.size(3) == C,
-                    "record_grad_stats_: state must have shape [3, 2, 3, ", C, "], got ", state.sizes());
+                    "record_grad_stats_: state must have shape [3, ", G, ", 3, ", C, "] for stats of shape ",
+                    stats.sizes(), ", got ", state.sizes());
   TORCH_CHECK_TYPE(state.scalar_type() == at::kDouble && stats.scalar_type() == at::kDouble,
                    "record_grad_stats_: state and stats must be float64, got ", state.scalar_type(),
                    " and ", stats.scalar_type());

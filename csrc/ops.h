@@ -36,6 +36,15 @@ PreparedBnBackward prepare_bn_backward(const at::Tensor& grad_output, const at::
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> finish_bn_backward(
     PreparedBnBackward& prepared);
 
+// gradstats::channel_moments after validation: the tensor to read and the [1, 3, C] output.
+struct PreparedMoments {
+  at::Tensor input;
+  at::Tensor stats;
+  BnBackwardProblem problem;
+};
+
+PreparedMoments prepare_channel_moments(const at::Tensor& input, c10::DeviceType device_type);
+
 // Validates gradstats::record_grad_stats_ arguments.
 void check_record_grad_stats(const at::Tensor& state, const at::Tensor& stats, double ema_decay,
                              c10::DeviceType device_type);

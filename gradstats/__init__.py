@@ -2,25 +2,34 @@
 
 Public API:
     GradStatBatchNorm2d   drop-in nn.BatchNorm2d recording dy/dx statistics on every backward
+    GradProbe             identity recording the statistics of the gradient through it
     convert_batchnorm     replace a model's nn.BatchNorm2d layers by GradStatBatchNorm2d
+    instrument            convert_batchnorm + probes at the outputs of residual blocks
+    probes, batchnorms    the recording modules of a model, in order
     plain_state_dict      a state_dict without gradstats buffers, for plain nn.BatchNorm2d models
     GradStats, ChannelStats  the records: per-channel count, mean and variance
     bn_backward_stats     the fused operator (torch.ops.gradstats.bn_backward_stats)
 """
 
-from .nn import GradStatBatchNorm2d, convert_batchnorm, plain_state_dict
-from .ops import bn_backward_stats, cpu_capability, cuda_kernels_built
+from .nn import (GradProbe, GradStatBatchNorm2d, batchnorms, convert_batchnorm, instrument,
+                 plain_state_dict, probes)
+from .ops import bn_backward_stats, channel_moments, cpu_capability, cuda_kernels_built
 from .stats import ChannelStats, GradStats
 
 __all__ = [
     "ChannelStats",
+    "GradProbe",
     "GradStatBatchNorm2d",
     "GradStats",
+    "batchnorms",
     "bn_backward_stats",
+    "channel_moments",
     "convert_batchnorm",
     "cpu_capability",
     "cuda_kernels_built",
+    "instrument",
     "plain_state_dict",
+    "probes",
 ]
 
 __version__ = "0.1.0"

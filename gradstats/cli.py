@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import demo
+from . import analysis, demo
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -17,12 +17,19 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("demo", help="one training step of an instrumented ResNet, per-layer gradient table")
     demo.add_arguments(p)
     p.set_defaults(run=demo.run)
+    p = commands.add_parser("analyze", help="gradient variance per residual block for BN/skip ablations (arXiv 1812.00342)")
+    analysis.add_arguments(p)
+    p.set_defaults(run=analysis.main)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return args.run(args)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.run(args)
+    except (ValueError, OSError) as error:  # bad options or data: say what, not a traceback
+        parser.exit(2, f"gradstats {args.command}: error: {error}\n")
 
 
 if __name__ == "__main__":  # pragma: no cover

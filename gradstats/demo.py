@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from . import __version__
-from .data import digits
+from .data import load_dataset
 from .models import cifar_resnet
 from .nn import GradStatBatchNorm2d, convert_batchnorm
 from .ops import cpu_capability, cuda_kernels_built
@@ -33,9 +33,10 @@ def run(args: argparse.Namespace) -> int:
     layers = [(name, m) for name, m in model.named_modules() if isinstance(m, GradStatBatchNorm2d)]
     print(f"CIFAR ResNet-{args.depth}: {len(layers)} BatchNorm layers converted to GradStatBatchNorm2d")
 
-    data = digits()
-    batch = torch.randperm(len(data), generator=torch.Generator().manual_seed(args.seed))[: args.batch_size]
-    images, labels = data.tensors[0][batch].to(device), data.tensors[1][batch].to(device)
+    data = load_dataset("builtin", seed=args.seed)
+    batch = torch.randperm(len(data.train_labels), generator=torch.Generator().manual_seed(args.seed))
+    batch = batch[: args.batch_size]
+    images, labels = data.train_images[batch].to(device), data.train_labels[batch].to(device)
     fmt = torch.channels_last if args.channels_last else torch.contiguous_format
     model = model.to(memory_format=fmt)
     images = images.contiguous(memory_format=fmt)

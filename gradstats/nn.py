@@ -1,5 +1,6 @@
-"""GradStatBatchNorm2d, a drop-in nn.BatchNorm2d that records gradient statistics, and the
-helpers that put it into existing models."""
+"""Modules that record gradient statistics: GradStatBatchNorm2d (a drop-in nn.BatchNorm2d) and
+GradProbe (an identity that measures the gradient through it), and the helpers that put them
+into existing models (convert_batchnorm, instrument)."""
 
 from __future__ import annotations
 
@@ -10,9 +11,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import ops  # noqa: F401  (registers torch.ops.gradstats)
-from .stats import SLOT_ACCUMULATED, SLOT_EMA, SLOT_LAST, GradStats, new_state
+from .stats import SLOT_ACCUMULATED, SLOT_EMA, SLOT_LAST, ChannelStats, GradStats, new_state
 
-__all__ = ["GradStatBatchNorm2d", "convert_batchnorm", "plain_state_dict", "STATE_BUFFER"]
+__all__ = [
+    "GradProbe", "GradStatBatchNorm2d", "GradStatsRecorder", "batchnorms", "convert_batchnorm",
+    "instrument", "plain_state_dict", "probes", "STATE_BUFFER",
+]
 
 STATE_BUFFER = "grad_stats_state"
 
@@ -84,7 +88,64 @@ def _differentiable_grads(ctx, grad_output, input, weight, bias, mean, invstd):
     return tuple(next(found) if need else None for need in needs)
 
 
-class GradStatBatchNorm2d(nn.BatchNorm2d):
+class GradStatsRecorder:
+    """What every recording module shares: the ``grad_stats_state`` buffer (see gradstats.stats),
+    the records read from it, and the rules that keep it exact: it stays float64 and contiguous
+    whatever ``.half()`` or ``.to(memory_format=...)`` do to the rest of the model, and a
+    state_dict without it (a plain model's) loads without touching it."""
+
+    grad_stats_state: Tensor
+
+    def _init_grad_stats(self, num_channels: int, gradients: int, ema_decay: float, device) -> None:
+        if not 0.0 <= ema_decay <= 1.0:
+            raise ValueError(f"grad_stats_ema_decay must be in [0, 1], got {ema_decay}")
+        self.grad_stats_ema_decay = float(ema_decay)
+        self.register_buffer(STATE_BUFFER, new_state(num_channels, gradients, device=device))
+
+    @property
+    def last_grad_stats(self) -> GradStats | None:
+        """Statistics of the last backward pass; None before the first."""
+        return GradStats.from_slot(self.grad_stats_state[SLOT_LAST])
+
+    @property
+    def accumulated_grad_stats(self) -> GradStats | None:
+        """Statistics of every backward pass since construction or reset_grad_stats()."""
+        return GradStats.from_slot(self.grad_stats_state[SLOT_ACCUMULATED])
+
+    @property
+    def ema_grad_stats(self) -> GradStats | None:
+        """Exponential moving average: each backward down-weights earlier data by
+        grad_stats_ema_decay."""
+        return GradStats.from_slot(self.grad_stats_state[SLOT_EMA])
+
+    def reset_grad_stats(self) -> None:
+        """Empties the accumulated and moving-average statistics (last_grad_stats is kept)."""
+        with torch.no_grad():
+            self.grad_stats_state[SLOT_ACCUMULATED:].zero_()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        key = prefix + STATE_BUFFER
+        if key not in state_dict:  # e.g. an nn.BatchNorm2d state_dict: keep the statistics
+            state_dict = dict(state_dict)
+            state_dict[key] = self.grad_stats_state
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+
+    def _apply(self, fn, recurse=True):
+        # Statistics are float64 counts and sums in a fixed layout: follow device moves only.
+        state = self._buffers.pop(STATE_BUFFER)
+        try:
+            result = super()._apply(fn, recurse)
+        finally:
+            moved = fn(state)
+            if moved.dtype != torch.float64 or not moved.is_contiguous():
+                moved = state.to(device=moved.device)
+            self._buffers[STATE_BUFFER] = moved
+        return result
+
+
+class GradStatBatchNorm2d(GradStatsRecorder, nn.BatchNorm2d):
     """nn.BatchNorm2d that records per-channel statistics of its gradients.
 
     Same constructor arguments, forward numerics, parameters and state_dict keys as
@@ -108,28 +169,7 @@ class GradStatBatchNorm2d(nn.BatchNorm2d):
                  affine: bool = True, track_running_stats: bool = True, device=None, dtype=None,
                  *, grad_stats_ema_decay: float = 0.9) -> None:
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
-        if not 0.0 <= grad_stats_ema_decay <= 1.0:
-            raise ValueError(f"grad_stats_ema_decay must be in [0, 1], got {grad_stats_ema_decay}")
-        self.grad_stats_ema_decay = float(grad_stats_ema_decay)
-        self.register_buffer(STATE_BUFFER, new_state(num_features, device=device))
-
-    # -- recorded statistics ---------------------------------------------------------------
-    @property
-    def last_grad_stats(self) -> GradStats | None:
-        return GradStats.from_slot(self.grad_stats_state[SLOT_LAST])
-
-    @property
-    def accumulated_grad_stats(self) -> GradStats | None:
-        return GradStats.from_slot(self.grad_stats_state[SLOT_ACCUMULATED])
-
-    @property
-    def ema_grad_stats(self) -> GradStats | None:
-        return GradStats.from_slot(self.grad_stats_state[SLOT_EMA])
-
-    def reset_grad_stats(self) -> None:
-        """Empties the accumulated and moving-average statistics (last_grad_stats is kept)."""
-        with torch.no_grad():
-            self.grad_stats_state[SLOT_ACCUMULATED:].zero_()
+        self._init_grad_stats(num_features, 2, grad_stats_ema_decay, device)
 
     # -- forward: nn.BatchNorm2d's, step for step ------------------------------------------
     def forward(self, input: Tensor) -> Tensor:
@@ -173,31 +213,58 @@ class GradStatBatchNorm2d(nn.BatchNorm2d):
             use_batch_stats, exponential_average_factor, self.eps, self.grad_stats_ema_decay,
         )
 
-    # -- state_dict and device moves ---------------------------------------------------------
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
-                              unexpected_keys, error_msgs):
-        key = prefix + STATE_BUFFER
-        if key not in state_dict:  # an nn.BatchNorm2d state_dict: keep our statistics as they are
-            state_dict = dict(state_dict)
-            state_dict[key] = self.grad_stats_state
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
-                                      unexpected_keys, error_msgs)
-
-    def _apply(self, fn, recurse=True):
-        # model.half() / .to(memory_format=...) must not touch the statistics: they are float64
-        # counts and sums in a fixed layout. Follow the device move only.
-        state = self._buffers.pop(STATE_BUFFER)
-        try:
-            result = super()._apply(fn, recurse)
-        finally:
-            moved = fn(state)
-            if moved.dtype != torch.float64 or not moved.is_contiguous():
-                moved = state.to(device=moved.device)
-            self._buffers[STATE_BUFFER] = moved
-        return result
-
     def extra_repr(self) -> str:
         return super().extra_repr() + f", grad_stats_ema_decay={self.grad_stats_ema_decay}"
+
+
+class GradProbe(GradStatsRecorder, nn.Module):
+    """An identity on (N, C, H, W) or (N, C) tensors that records per-channel statistics of the
+    gradient flowing back through it: ``last_grad_stats``, ``accumulated_grad_stats``,
+    ``ema_grad_stats`` and ``reset_grad_stats()`` as on GradStatBatchNorm2d (grad_output and
+    grad_input are the same record, since the gradient passes unchanged).
+
+    With ``record_activations=True`` it also keeps the per-channel statistics of the last input
+    it saw (``last_activation_stats``, a ChannelStats), at the cost of one read of it.
+    """
+
+    def __init__(self, num_channels: int, *, grad_stats_ema_decay: float = 0.9,
+                 record_activations: bool = False, device=None) -> None:
+        super().__init__()
+        self.num_channels = num_channels
+        self.record_activations = record_activations
+        self._init_grad_stats(num_channels, 1, grad_stats_ema_decay, device)
+        self._activation_moments: Tensor | None = None
+
+    @property
+    def last_activation_stats(self) -> ChannelStats | None:
+        if self._activation_moments is None:
+            return None
+        return ChannelStats.from_moments(self._activation_moments)
+
+    def forward(self, input: Tensor) -> Tensor:
+        if input.dim() not in (2, 4) or input.size(1) != self.num_channels:
+            raise ValueError(
+                f"GradProbe({self.num_channels}): expected an (N, {self.num_channels}, H, W) or "
+                f"(N, {self.num_channels}) tensor, got shape {tuple(input.shape)}"
+            )
+        if self.record_activations:
+            with torch.no_grad():
+                self._activation_moments = torch.ops.gradstats.channel_moments(input.detach())
+        if torch.is_grad_enabled() and input.requires_grad:
+            # A tensor hook, not an autograd.Function returning its input: that output would be
+            # a view which the next in-place op (a ReLU(inplace=True)) is not allowed to modify,
+            # and a copy would cost a pass over memory. The hook sees the total gradient of the
+            # tensor, which is the gradient through the probe.
+            input.register_hook(self._record)
+        return input
+
+    def _record(self, grad: Tensor) -> None:
+        stats = torch.ops.gradstats.channel_moments(grad.detach())
+        torch.ops.gradstats.record_grad_stats_(self.grad_stats_state, stats.unsqueeze(0),
+                                               self.grad_stats_ema_decay)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_channels}, grad_stats_ema_decay={self.grad_stats_ema_decay}"
 
 
 def convert_batchnorm(module: nn.Module, *, grad_stats_ema_decay: float = 0.9) -> nn.Module:
@@ -241,3 +308,62 @@ def plain_state_dict(source: nn.Module | dict[str, Any]) -> dict[str, Any]:
     state = source.state_dict() if isinstance(source, nn.Module) else source
     suffix = "." + STATE_BUFFER
     return {k: v for k, v in state.items() if not (k == STATE_BUFFER or k.endswith(suffix))}
+
+
+# -- instrument: BN layers converted, probes at residual-block outputs ---------------------------
+
+_PROBE = "grad_probe"
+
+
+def _residual_block_channels(module: nn.Module) -> int | None:
+    """Output channels of a residual block this library knows how to probe, else None:
+    gradstats.models blocks, and torchvision's BasicBlock and Bottleneck."""
+    from .models.cifar_resnet import BasicBlock, PreActBlock
+
+    if isinstance(module, (BasicBlock, PreActBlock)):
+        return module.out_channels
+    cls = type(module)
+    if cls.__module__.startswith("torchvision.models") and cls.__name__ in ("BasicBlock", "Bottleneck"):
+        last_conv = module.conv3 if cls.__name__ == "Bottleneck" else module.conv2
+        return last_conv.out_channels
+    return None
+
+
+def _apply_probe(block: nn.Module, inputs, output: Tensor) -> Tensor:
+    return getattr(block, _PROBE)(output)
+
+
+def instrument(model: nn.Module, *, probes: bool = True, grad_stats_ema_decay: float = 0.9,
+               record_activations: bool = False) -> nn.Module:
+    """Converts every nn.BatchNorm2d of ``model`` (convert_batchnorm) and, with ``probes``, puts a
+    GradProbe on the output of every residual block it recognises (gradstats.models blocks,
+    torchvision BasicBlock/Bottleneck): the gradient on the skip stream, block by block.
+
+    A probe is a submodule ``grad_probe`` of its block, applied by a forward hook, so parameter
+    names, pretrained weights and state_dicts of the model are unchanged (plus statistics
+    buffers). Calling it again adds nothing. Returns the model.
+    """
+    convert_batchnorm(model, grad_stats_ema_decay=grad_stats_ema_decay)
+    if not probes:
+        return model
+    for module in model.modules():
+        channels = _residual_block_channels(module)
+        if channels is None or hasattr(module, _PROBE):
+            continue
+        reference = next(module.parameters(), None)
+        device = reference.device if reference is not None else None
+        module.add_module(_PROBE, GradProbe(channels, grad_stats_ema_decay=grad_stats_ema_decay,
+                                            record_activations=record_activations, device=device))
+        module.register_forward_hook(_apply_probe)
+    return model
+
+
+def probes(model: nn.Module) -> list[tuple[str, GradProbe]]:
+    """(name, probe) of every GradProbe in ``model``, in module order (input side first for the
+    models gradstats instruments)."""
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, GradProbe)]
+
+
+def batchnorms(model: nn.Module) -> list[tuple[str, GradStatBatchNorm2d]]:
+    """(name, layer) of every GradStatBatchNorm2d in ``model``, in module order."""
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, GradStatBatchNorm2d)]

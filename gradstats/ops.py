@@ -20,7 +20,7 @@ except ImportError as error:  # pragma: no cover - exercised only on a broken in
 
 from .reference import bn_backward_formula
 
-__all__ = ["bn_backward_stats", "record_grad_stats_", "cuda_kernels_built", "cpu_capability"]
+__all__ = ["bn_backward_stats", "channel_moments", "record_grad_stats_", "cuda_kernels_built", "cpu_capability"]
 
 STAT_ROWS = 3  # count, mean, M2
 
@@ -48,6 +48,11 @@ def bn_backward_stats(
 def record_grad_stats_(state: Tensor, stats: Tensor, ema_decay: float) -> None:
     """Folds ``stats`` ([2, 3, C]) into ``state`` ([3, 2, 3, C]: last, accumulated, EMA) in place."""
     torch.ops.gradstats.record_grad_stats_.default(state, stats, ema_decay)
+
+
+def channel_moments(input: Tensor) -> Tensor:
+    """[3, C] float64 (count, mean, M2) per channel of an (N, C, H, W) or (N, C) tensor."""
+    return torch.ops.gradstats.channel_moments.default(input)
 
 
 def cuda_kernels_built() -> bool:
@@ -89,6 +94,27 @@ def _bn_backward_stats_fake(grad_output, input, weight, mean, invstd, training, 
 @torch.library.register_fake("gradstats::record_grad_stats_")
 def _record_grad_stats_fake(state, stats, ema_decay):
     return None
+
+
+@torch.library.register_fake("gradstats::channel_moments")
+def _channel_moments_fake(input):
+    torch._check(input.dim() in (2, 4), lambda: f"input must be 2-D or 4-D, got {input.dim()}-D")
+    return input.new_empty((STAT_ROWS, input.shape[1]), dtype=torch.float64)
+
+
+def _moments_setup_context(ctx, inputs, output):
+    ctx.mark_non_differentiable(output)
+
+
+def _moments_backward(ctx, grad):
+    return None
+
+
+# Statistics are measurements, not functions to differentiate: the output is marked
+# non-differentiable, so autograd treats it as a constant (and opcheck finds a registration).
+torch.library.register_autograd(
+    "gradstats::channel_moments", _moments_backward, setup_context=_moments_setup_context
+)
 
 
 # -- autograd of bn_backward_stats: the second derivative of batch norm ---------------------------

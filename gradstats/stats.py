@@ -1,9 +1,10 @@
 """Per-channel gradient statistics: the user-facing records and the state buffer behind them.
 
-A module that records statistics (GradStatBatchNorm2d, later gradient probes) owns one float64
-buffer ``grad_stats_state`` of shape [3, 2, 3, C]:
+A module that records statistics (GradStatBatchNorm2d, GradProbe) owns one float64 buffer
+``grad_stats_state`` of shape [3, G, 3, C]:
   slot      0 last backward, 1 accumulated since reset, 2 exponential moving average
-  gradient  0 grad_output (dy), 1 grad_input (dx)
+  gradient  G = 2 for a batch-norm layer: 0 grad_output (dy), 1 grad_input (dx);
+            G = 1 for a probe: the gradient flowing through it
   row       0 count, 1 mean, 2 M2 (sum of squared deviations from the mean)
 The backward pass updates it in place on the module's device (gradstats::record_grad_stats_), so
 training never waits for the host; ChannelStats / GradStats are snapshots made when read.
@@ -21,9 +22,9 @@ GRAD_OUTPUT, GRAD_INPUT = 0, 1
 ROW_COUNT, ROW_MEAN, ROW_M2 = 0, 1, 2
 
 
-def new_state(num_channels: int, device: torch.device | str | None = None) -> Tensor:
+def new_state(num_channels: int, gradients: int = 2, device: torch.device | str | None = None) -> Tensor:
     """An empty statistics state: every slot has count 0."""
-    return torch.zeros(3, 2, 3, num_channels, dtype=torch.float64, device=device)
+    return torch.zeros(3, gradients, 3, num_channels, dtype=torch.float64, device=device)
 
 
 @dataclass(frozen=True)
@@ -57,18 +58,18 @@ class ChannelStats:
 @dataclass(frozen=True)
 class GradStats:
     """Statistics of the gradient a layer received (grad_output, dy) and the one it passed on
-    towards its input (grad_input, dx)."""
+    towards its input (grad_input, dx). For a probe, which passes the gradient on unchanged,
+    both are the same record."""
 
     grad_output: ChannelStats
     grad_input: ChannelStats
 
     @classmethod
     def from_slot(cls, slot: Tensor) -> "GradStats | None":
-        """From one [2, 3, C] slot of a state buffer; None when it holds no backward yet."""
+        """From one [G, 3, C] slot of a state buffer; None when it holds no backward yet."""
         if slot.shape[-1] == 0 or not bool(slot[GRAD_OUTPUT, ROW_COUNT, 0] > 0):
             return None
-        return cls(
-            grad_output=ChannelStats.from_moments(slot[GRAD_OUTPUT]),
-            grad_input=ChannelStats.from_moments(slot[GRAD_INPUT]),
-        )
+        grad_output = ChannelStats.from_moments(slot[GRAD_OUTPUT])
+        grad_input = ChannelStats.from_moments(slot[GRAD_INPUT]) if slot.shape[0] > 1 else grad_output
+        return cls(grad_output=grad_output, grad_input=grad_input)
 

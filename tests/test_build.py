@@ -24,7 +24,8 @@ def test_cpu_kernel_build_is_reported():
     ((torch.zeros(3, 2, 3, 4, dtype=torch.float64), torch.zeros(2, 3, 5, dtype=torch.float64), 0.9), ValueError, r"state must have shape \[3, 2, 3, 5\]"),
     ((torch.zeros(3, 2, 3, 4), torch.zeros(2, 3, 4), 0.9), TypeError, "must be float64"),
     ((torch.zeros(3, 2, 3, 4, dtype=torch.float64), torch.zeros(2, 3, 4, dtype=torch.float64), 1.5), ValueError, r"ema_decay must be in \[0, 1\]"),
-    ((torch.zeros(3, 2, 3, 4, dtype=torch.float64), torch.zeros(3, 4, dtype=torch.float64), 0.9), ValueError, r"stats must have shape \[2, 3, C\]"),
+    ((torch.zeros(3, 2, 3, 4, dtype=torch.float64), torch.zeros(3, 4, dtype=torch.float64), 0.9), ValueError, r"stats must have shape \[G, 3, C\]"),
+    ((torch.zeros(3, 2, 3, 4, dtype=torch.float64), torch.zeros(1, 3, 4, dtype=torch.float64), 0.9), ValueError, r"state must have shape \[3, 1, 3, 4\]"),
 ])
 def test_record_grad_stats_checks(case, error, message):
     state = case[0].clone()

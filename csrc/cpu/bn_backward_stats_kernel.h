@@ -63,6 +63,7 @@ enum class Pass {
   kReduceGradOutput,  // train pass 1
   kGradInputTrain,    // train pass 2
   kEvalFused,         // eval: everything in one pass
+  kMoments,           // channel_moments: moments of one tensor (read as grad_output) only
 };
 
 // Sums of one chunk. V is acc_t (one value) or a vector of kLanes values.
@@ -77,6 +78,7 @@ enum SumIndex : int {
 };
 
 constexpr bool pass_uses(Pass P, int sum) {
+  if (P == Pass::kMoments) return sum == kS1Dy || sum == kS2Dy;
   return sum < kS1Dx ? P != Pass::kGradInputTrain : P != Pass::kReduceGradOutput;
 }
 
@@ -103,6 +105,12 @@ template <Pass P, typename scalar_t, typename V>
 GS_VEC_INLINE V update(V dy, V x, V mean, V scale, V mean_dy, V k, V pivot_dy, V pivot_dx,
                        ChunkSums<V>& s) {
   V dx{};
+  if constexpr (P == Pass::kMoments) {
+    const V d = dy - pivot_dy;
+    s.v[kS1Dy] += d;
+    s.v[kS2Dy] += d * d;
+    return dx;
+  }
   if constexpr (P != Pass::kGradInputTrain) {
     s.v[kSumDy] += dy;
     s.v[kSumDyXmu] += dy * (x - mean);
@@ -115,7 +123,7 @@ GS_VEC_INLINE V update(V dy, V x, V mean, V scale, V mean_dy, V k, V pivot_dy, V
   } else if constexpr (P == Pass::kGradInputTrain) {
     dx = stored_value<scalar_t>(grad_input_train(dy, x, mean, scale, mean_dy, k));
   }
-  if constexpr (P != Pass::kReduceGradOutput) {
+  if constexpr (P != Pass::kReduceGradOutput && P != Pass::kMoments) {
     const V e = dx - pivot_dx;
     s.v[kS1Dx] += e;
     s.v[kS2Dx] += e * e;
@@ -160,6 +168,10 @@ inline acc_t first_grad_input(scalar_t dy, scalar_t x, acc_t mean, acc_t scale, 
 template <Pass P>
 inline void flush_chunk(Partial& out, int64_t n, double p_dy, double p_dx, const double* totals) {
   const double dn = static_cast<double>(n);
+  if constexpr (P == Pass::kMoments) {
+    out.dy = merge_moments(out.dy, moments_from_shifted_sums(dn, p_dy, totals[kS1Dy], totals[kS2Dy]));
+    return;
+  }
   if constexpr (P != Pass::kGradInputTrain) {
     out.sum_dy += totals[kSumDy];
     out.sum_dy_xmu += totals[kSumDyXmu];
@@ -189,7 +201,8 @@ struct Coeffs {
 template <Pass P, bool kWrite, typename scalar_t>
 void nchw_task(const BnBackwardProblem& p, const Coeffs<acc_type_t<scalar_t>>& cf, int64_t c,
                int64_t n_begin, int64_t n_end, Partial& out) {
-  constexpr bool kStore = kWrite && P != Pass::kReduceGradOutput;  // pass 1 computes no dx
+  // Only the passes that compute dx write it.
+  constexpr bool kStore = kWrite && (P == Pass::kGradInputTrain || P == Pass::kEvalFused);
   using IO = Io<scalar_t>;
   using acc_t = typename IO::acc_t;
   using vec = typename IO::vec;
@@ -255,7 +268,8 @@ void nchw_task(const BnBackwardProblem& p, const Coeffs<acc_type_t<scalar_t>>& c
 template <Pass P, bool kWrite, typename scalar_t>
 void nhwc_task(const BnBackwardProblem& p, const Coeffs<acc_type_t<scalar_t>>& cf, int64_t r_begin,
                int64_t r_end, int64_t c_begin, int64_t c_end, Partial* out /* [C] */) {
-  constexpr bool kStore = kWrite && P != Pass::kReduceGradOutput;  // pass 1 computes no dx
+  // Only the passes that compute dx write it.
+  constexpr bool kStore = kWrite && (P == Pass::kGradInputTrain || P == Pass::kEvalFused);
   using IO = Io<scalar_t>;
   using acc_t = typename IO::acc_t;
   using AccIO = Io<acc_t>;
@@ -455,8 +469,15 @@ void bn_backward_stats_typed(const BnBackwardProblem& p, ParallelFor parallel_fo
 
   const Tasks t = make_tasks(p);
   std::vector<Partial> partials(t.parts * C);  // pass 1 fills .dy and sums, pass 2 .dx
-  std::vector<double> sum_dy(C), sum_dy_xmu(C);
   Coeffs<acc_t> cf(C);
+  if (p.moments_only) {
+    run_pass<Pass::kMoments, false, scalar_t>(p, t, cf, partials, parallel_for);
+    for (int64_t c = 0; c < C; ++c) {
+      store_stats(p.stats, kGradOutput, C, c, merge_channel(partials, t.parts, C, c).dy);
+    }
+    return;
+  }
+  std::vector<double> sum_dy(C), sum_dy_xmu(C);
   for (int64_t c = 0; c < C; ++c) cf.mean[c] = mean[c];
 
   // After the reduction of channel c: its sums, dy moments and the constants of dx.

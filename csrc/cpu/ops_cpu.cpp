@@ -62,12 +62,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_backward_stats_cpu
 
 void record_grad_stats_cpu(const at::Tensor& state, const at::Tensor& stats, double ema_decay) {
   check_record_grad_stats(state, stats, ema_decay, c10::DeviceType::CPU);
-  const int64_t C = stats.size(2);
+  const int64_t G = stats.size(0), C = stats.size(2);
   double* s = state.mutable_data_ptr<double>();
   const double* b = stats.const_data_ptr<double>();
-  for (int64_t i = 0; i < 2 * C; ++i) {
-    record_moments(s, b, C, i, ema_decay);
+  for (int64_t i = 0; i < G * C; ++i) {
+    record_moments(s, b, G, C, i, ema_decay);
   }
+}
+
+at::Tensor channel_moments_cpu(const at::Tensor& input) {
+  PreparedMoments p = prepare_channel_moments(input, c10::DeviceType::CPU);
+  kernel().fn(p.problem, &aten_parallel_for, at::get_num_threads());
+  return p.stats[0];
 }
 
 std::string cpu_capability() {
@@ -85,4 +91,5 @@ TORCH_LIBRARY_FRAGMENT(gradstats, m) {
 TORCH_LIBRARY_IMPL(gradstats, CPU, m) {
   m.impl("bn_backward_stats", &gradstats::cpu::bn_backward_stats_cpu);
   m.impl("record_grad_stats_", &gradstats::cpu::record_grad_stats_cpu);
+  m.impl("channel_moments", &gradstats::cpu::channel_moments_cpu);
 }

@@ -12,6 +12,7 @@
 //                   3. grad_input   dy, x -> dx, per-block dx moments
 //                   4. finish(dx)   partials -> dx stats
 //         (eval):   1. fused        dy, x -> dx and every partial;  2. finish(both)
+//         (channel_moments): 1. moments of one tensor;  2. finish(its stats)
 // Memory passes are those of PyTorch's own backward; the finish kernels touch O(C * slices) bytes.
 //
 // Precision: per thread, values accumulate in acc_t (float; double for double) around a pivot for
@@ -38,7 +39,7 @@ constexpr int kWarp = 32;
 constexpr int kThreadChunk = 256;  // values per thread around one pivot before folding
 constexpr int kUnroll = 4;         // loads in flight per thread
 
-enum class Pass { kReduceGradOutput, kGradInputTrain, kEvalFused };
+enum class Pass { kReduceGradOutput, kGradInputTrain, kEvalFused, kMoments };
 
 // ---- storage <-> accumulation ---------------------------------------------------------------
 template <typename scalar_t>
@@ -162,8 +163,9 @@ struct PassArgs {
 
 template <Pass P, typename acc_t>
 __device__ __forceinline__ GradInputCoeffs<acc_t> channel_coeffs(const PassArgs& a, int64_t c) {
-  const acc_t* mean = static_cast<const acc_t*>(a.mean);
-  GradInputCoeffs<acc_t> cf{mean[c], acc_t(0), acc_t(0), acc_t(0)};
+  GradInputCoeffs<acc_t> cf{acc_t(0), acc_t(0), acc_t(0), acc_t(0)};
+  if (P == Pass::kMoments) return cf;  // no parameters: mean etc. are null
+  cf.mean = static_cast<const acc_t*>(a.mean)[c];
   if (P == Pass::kGradInputTrain) {
     const acc_t* k = static_cast<const acc_t*>(a.coeffs);
     cf.scale = k[c];
@@ -200,13 +202,17 @@ __device__ __forceinline__ void visit_values(const PassArgs& a, Walker walker, i
     for (int u = 0; u < kUnroll; ++u) {
       if (i + u < count) {
         dy_v[u] = dy[off[u]];
-        x_v[u] = x[off[u]];
+        if (P != Pass::kMoments) x_v[u] = x[off[u]];
       }
     }
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       if (i + u >= count) break;
       const acc_t g = S::load(dy_v[u]);
+      if (P == Pass::kMoments) {
+        m_dy.add(g);
+        continue;
+      }
       const acc_t xv = S::load(x_v[u]);
       if (P != Pass::kGradInputTrain) {
         sum_dy += g;
@@ -327,9 +333,12 @@ __device__ __forceinline__ void store_moments(double* stats, int which, int64_t 
   base[kM2 * C] = m.m2;
 }
 
-// kFinishReduction: dy stats, grad_weight, grad_bias, dx constants (and dx stats in eval, whose
-// single pass measured both). kFinishGradInput: dx stats.
-template <bool kFinishReduction, bool kFinishGradInput, typename acc_t>
+// What a finish kernel writes (bit flags): dy stats; grad_weight, grad_bias and the constants of
+// dx (train); dx stats. Train: the first two after the reduction, then dx stats; eval: all
+// three (its single pass measured everything); channel_moments: dy stats.
+enum Finish : int { kDyStats = 1, kGradsAndCoeffs = 2, kDxStats = 4 };
+
+template <int kWhat, typename acc_t>
 __global__ void __launch_bounds__(kThreads) finish_kernel(FinishArgs a) {
   const int lane = threadIdx.x % kWarp;
   const int64_t c = static_cast<int64_t>(blockIdx.x) * (blockDim.x / kWarp) + threadIdx.x / kWarp;
@@ -345,11 +354,13 @@ __global__ void __launch_bounds__(kThreads) finish_kernel(FinishArgs a) {
     total = merge_partial(total, other);
   }
   if (lane != 0) return;
-  if (kFinishReduction) {
+  if (kWhat & kDyStats) {
+    store_moments(a.stats, kGradOutput, a.C, c, total.dy);
+  }
+  if (kWhat & kGradsAndCoeffs) {
     const acc_t* mean = static_cast<const acc_t*>(a.mean);
     const acc_t* invstd = static_cast<const acc_t*>(a.invstd);
     const acc_t* weight = static_cast<const acc_t*>(a.weight);
-    store_moments(a.stats, kGradOutput, a.C, c, total.dy);
     static_cast<acc_t*>(a.grad_bias)[c] = static_cast<acc_t>(total.sum_dy);
     static_cast<acc_t*>(a.grad_weight)[c] =
         static_cast<acc_t>(total.sum_dy_xmu * static_cast<double>(invstd[c]));
@@ -363,7 +374,7 @@ __global__ void __launch_bounds__(kThreads) finish_kernel(FinishArgs a) {
       k[2 * a.C + c] = static_cast<acc_t>(g.k);
     }
   }
-  if (kFinishGradInput) {
+  if (kWhat & kDxStats) {
     store_moments(a.stats, kGradInput, a.C, c, total.dx);
   }
 }
@@ -421,11 +432,11 @@ cudaError_t launch_pass(const Plan& plan, const PassArgs& args, cudaStream_t str
   return cudaGetLastError();
 }
 
-template <bool kReduction, bool kGradInput, typename acc_t>
+template <int kWhat, typename acc_t>
 cudaError_t launch_finish(const FinishArgs& args, cudaStream_t stream) {
   constexpr int kChannelsPerBlock = kThreads / kWarp;
   const int64_t blocks = (args.C + kChannelsPerBlock - 1) / kChannelsPerBlock;
-  finish_kernel<kReduction, kGradInput, acc_t>
+  finish_kernel<kWhat, acc_t>
       <<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(args);
   return cudaGetLastError();
 }
@@ -444,14 +455,18 @@ cudaError_t run(const BnBackwardProblem& p, void* workspace, int num_sms, cudaSt
   FinishArgs fin{partials, p.C, plan.slices, static_cast<double>(p.N) * static_cast<double>(p.HW),
                  p.train, p.mean, p.invstd, p.weight, coeffs, p.grad_weight, p.grad_bias, p.stats};
   cudaError_t err;
+  if (p.moments_only) {
+    if ((err = launch_pass<Pass::kMoments, false, scalar_t>(plan, pass, stream))) return err;
+    return launch_finish<kDyStats, acc_t>(fin, stream);
+  }
   if (!p.train) {
     if ((err = launch_pass<Pass::kEvalFused, kWrite, scalar_t>(plan, pass, stream))) return err;
-    return launch_finish<true, true, acc_t>(fin, stream);
+    return launch_finish<kDyStats | kGradsAndCoeffs | kDxStats, acc_t>(fin, stream);
   }
   if ((err = launch_pass<Pass::kReduceGradOutput, false, scalar_t>(plan, pass, stream))) return err;
-  if ((err = launch_finish<true, false, acc_t>(fin, stream))) return err;
+  if ((err = launch_finish<kDyStats | kGradsAndCoeffs, acc_t>(fin, stream))) return err;
   if ((err = launch_pass<Pass::kGradInputTrain, kWrite, scalar_t>(plan, pass, stream))) return err;
-  return launch_finish<false, true, acc_t>(fin, stream);
+  return launch_finish<kDxStats, acc_t>(fin, stream);
 }
 
 template <typename scalar_t>

@@ -50,11 +50,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_backward_stats_cud
   return finish_bn_backward(p);
 }
 
+at::Tensor channel_moments_cuda(const at::Tensor& input) {
+  c10::cuda::CUDAGuard guard(input.device());
+  PreparedMoments p = prepare_channel_moments(input, c10::DeviceType::CUDA);
+  const int sms = multiprocessor_count(input.device().index());
+  const size_t bytes = bn_backward_stats_workspace_bytes(p.problem, sms);
+  const at::Tensor workspace =
+      at::empty({static_cast<int64_t>(bytes)}, input.options().dtype(at::kByte));
+  check_cuda(launch_bn_backward_stats(p.problem, workspace.mutable_data_ptr(), sms,
+                                      c10::cuda::getCurrentCUDAStream()),
+             "channel_moments");
+  return p.stats[0];
+}
+
 void record_grad_stats_cuda(const at::Tensor& state, const at::Tensor& stats, double ema_decay) {
   c10::cuda::CUDAGuard guard(state.device());
   check_record_grad_stats(state, stats, ema_decay, c10::DeviceType::CUDA);
   check_cuda(launch_record_grad_stats(state.mutable_data_ptr<double>(),
-                                      stats.const_data_ptr<double>(), stats.size(2), ema_decay,
+                                      stats.const_data_ptr<double>(), stats.size(0), stats.size(2),
+                                      ema_decay,
                                       c10::cuda::getCurrentCUDAStream()),
              "record_grad_stats_");
 }
@@ -66,4 +80,5 @@ void record_grad_stats_cuda(const at::Tensor& state, const at::Tensor& stats, do
 TORCH_LIBRARY_IMPL(gradstats, CUDA, m) {
   m.impl("bn_backward_stats", &gradstats::cuda::bn_backward_stats_cuda);
   m.impl("record_grad_stats_", &gradstats::cuda::record_grad_stats_cuda);
+  m.impl("channel_moments", &gradstats::cuda::channel_moments_cuda);
 }

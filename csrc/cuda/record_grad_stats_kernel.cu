@@ -9,23 +9,23 @@ namespace gradstats {
 namespace cuda {
 namespace {
 
-__global__ void record_grad_stats_kernel(double* state, const double* stats, long long channels,
-                                         double ema_decay) {
+__global__ void record_grad_stats_kernel(double* state, const double* stats, long long gradients,
+                                         long long channels, double ema_decay) {
   const long long i = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (i < 2 * channels) {
-    record_moments(state, stats, channels, i, ema_decay);
+  if (i < gradients * channels) {
+    record_moments(state, stats, gradients, channels, i, ema_decay);
   }
 }
 
 }  // namespace
 
-cudaError_t launch_record_grad_stats(double* state, const double* stats, long long channels,
-                                     double ema_decay, cudaStream_t stream) {
-  if (channels == 0) return cudaSuccess;
+cudaError_t launch_record_grad_stats(double* state, const double* stats, long long gradients,
+                                     long long channels, double ema_decay, cudaStream_t stream) {
+  if (gradients * channels == 0) return cudaSuccess;
   constexpr int kThreads = 256;
-  const long long blocks = (2 * channels + kThreads - 1) / kThreads;
+  const long long blocks = (gradients * channels + kThreads - 1) / kThreads;
   record_grad_stats_kernel<<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
-      state, stats, channels, ema_decay);
+      state, stats, gradients, channels, ema_decay);
   return cudaGetLastError();
 }
 

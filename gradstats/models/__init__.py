@@ -1,5 +1,5 @@
 """ResNets for gradient-propagation studies, built with whatever norm layer they are given."""
 
-from .cifar_resnet import CifarResNet, cifar_resnet
+from .cifar_resnet import VARIANTS, BasicBlock, CifarResNet, PreActBlock, cifar_resnet, cifar_resnet_variant
 
-__all__ = ["CifarResNet", "cifar_resnet"]
+__all__ = ["VARIANTS", "BasicBlock", "CifarResNet", "PreActBlock", "cifar_resnet", "cifar_resnet_variant"]

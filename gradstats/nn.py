@@ -15,7 +15,7 @@ from .stats import SLOT_ACCUMULATED, SLOT_EMA, SLOT_LAST, ChannelStats, GradStat
 
 __all__ = [
     "GradProbe", "GradStatBatchNorm2d", "GradStatsRecorder", "batchnorms", "convert_batchnorm",
-    "instrument", "plain_state_dict", "probes", "STATE_BUFFER",
+    "gradstats_buffer_names", "instrument", "plain_state_dict", "probes", "STATE_BUFFER",
 ]
 
 STATE_BUFFER = "grad_stats_state"
@@ -356,6 +356,13 @@ def instrument(model: nn.Module, *, probes: bool = True, grad_stats_ema_decay: f
                                             record_activations=record_activations, device=device))
         module.register_forward_hook(_apply_probe)
     return model
+
+
+def gradstats_buffer_names(model: nn.Module) -> list[str]:
+    """Fully qualified names of every gradstats statistics buffer in ``model``: what
+    DistributedDataParallel must not broadcast from rank 0 (each rank records its own)."""
+    suffix = "." + STATE_BUFFER
+    return [name for name, _ in model.named_buffers() if name == STATE_BUFFER or name.endswith(suffix)]
 
 
 def probes(model: nn.Module) -> list[tuple[str, GradProbe]]:

@@ -27,6 +27,27 @@ def new_state(num_channels: int, gradients: int = 2, device: torch.device | str 
     return torch.zeros(3, gradients, 3, num_channels, dtype=torch.float64, device=device)
 
 
+def merge_moments(parts: list[Tensor]) -> Tensor:
+    """Chan merge of moments tensors of one shape [..., 3, C] (rows count, mean, M2), e.g. the
+    same module's statistics from several processes: the statistics of all their values
+    together. Uses the kernels' own merge (gradstats::record_grad_stats_), on the parts' device.
+    """
+    if not parts:
+        raise ValueError("merge_moments needs at least one part")
+    shape = parts[0].shape
+    if any(p.shape != shape for p in parts):
+        raise ValueError(f"merge_moments: parts must share one shape, got {[tuple(p.shape) for p in parts]}")
+    rows = shape[-2]
+    # Every leading index and channel becomes one "channel" of a single-gradient state.
+    flat = [p.to(torch.float64).movedim(-2, 0).reshape(1, rows, -1).contiguous() for p in parts]
+    state = torch.zeros(3, 1, rows, flat[0].shape[-1], dtype=torch.float64, device=flat[0].device)
+    for part in flat:
+        torch.ops.gradstats.record_grad_stats_(state, part, 1.0)
+    merged = state[SLOT_ACCUMULATED, 0]  # [rows, K]
+    leading = shape[:-2] + shape[-1:]
+    return merged.reshape(rows, *leading).movedim(0, -2).contiguous()
+
+
 @dataclass(frozen=True)
 class ChannelStats:
     """Per-channel statistics of one gradient tensor over (N, H, W).

@@ -144,3 +144,28 @@ def test_instrument_torchvision_resnets(arch, blocks):
     for _, probe in probes(model):
         assert probe.last_grad_stats.grad_output.var.min() > 0
     assert gradstats.batchnorms(model)[0][1].last_grad_stats is not None
+
+
+def test_merge_moments_equals_the_statistics_of_all_values():
+    from gradstats.reference import channel_moments as reference_moments
+    from gradstats.stats import merge_moments
+
+    a = torch.randn(8, 5, 3, 3) * 3 + 100
+    b = torch.randn(4, 5, 3, 3) * 0.5 - 2
+    c = torch.randn(1, 5, 2, 2)
+    merged = merge_moments([reference_moments(a), reference_moments(b), reference_moments(c)])
+    values = torch.cat([t.transpose(0, 1).reshape(5, -1) for t in (a, b, c)], dim=1)  # [C, all]
+    truth = reference_moments(values.unsqueeze(0).unsqueeze(3))  # as one (1, C, all, 1) tensor
+    assert torch.allclose(merged, truth, rtol=1e-12, atol=1e-9)
+    stacked = merge_moments([torch.stack([reference_moments(a)] * 2), torch.stack([reference_moments(b)] * 2)])
+    assert stacked.shape == (2, 3, 5)
+    with pytest.raises(ValueError, match="share one shape"):
+        merge_moments([reference_moments(a), reference_moments(a)[:, :3]])
+
+
+def test_gradstats_buffer_names():
+    model = instrument(cifar_resnet_variant("bn_skip", 8))
+    names = gradstats.nn.gradstats_buffer_names(model)
+    assert "bn1.grad_stats_state" in names and "layer1.0.grad_probe.grad_stats_state" in names
+    assert all(n.endswith("grad_stats_state") for n in names)
+    assert len(names) == len(gradstats.batchnorms(model)) + len(probes(model))

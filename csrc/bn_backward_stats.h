@@ -6,13 +6,13 @@
 #include <cstdint>
 #include <functional>
 
+#include "bn_stats_math.h"
+
 namespace gradstats {
 
 // Storage type of grad_output, input and grad_input.
 enum class ScalarKind : int { Float, Double, Half, BFloat16 };
 
-// Row of a statistics triple in the [2][3][C] float64 `stats` output.
-enum StatRow : int { kCount = 0, kMean = 1, kM2 = 2, kStatRows = 3 };
 // Which gradient a statistics block describes.
 enum StatWhich : int { kGradOutput = 0, kGradInput = 1 };
 
@@ -36,17 +36,19 @@ struct BnBackwardProblem {
   const void* weight;  // nullptr: affine=False, weight 1
   void* grad_weight;   // out: sum dy * x_hat
   void* grad_bias;     // out: sum dy
-  // out, [2][3][C] float64: {grad_output, grad_input} x {count, mean, m2}.
+  // out, [2][kStatRows][C] float64: {grad_output, grad_input} x {count, mean, m2, nonfinite}.
   double* stats;
 };
 
-// Writes the moments of one gradient (which = kGradOutput or kGradInput) of channel c to stats.
+// Writes the statistics of one gradient (which = kGradOutput or kGradInput) of channel c.
 template <typename MomentsT>
-inline void store_stats(double* stats, int which, int64_t C, int64_t c, const MomentsT& m) {
+inline void store_stats(double* stats, int which, int64_t C, int64_t c, const MomentsT& m,
+                        double nonfinite) {
   double* base = stats + static_cast<int64_t>(which) * kStatRows * C + c;
   base[kCount * C] = static_cast<double>(m.n);
   base[kMean * C] = static_cast<double>(m.mean);
   base[kM2 * C] = static_cast<double>(m.m2);
+  base[kNonfinite * C] = nonfinite;
 }
 
 // CPU parallelism is injected by the glue (at::parallel_for) so kernel files need no ATen.

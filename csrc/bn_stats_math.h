@@ -17,6 +17,12 @@
 
 namespace gradstats {
 
+// Rows of a statistics block, per channel, as every op and state buffer stores them (float64):
+//   count      values that are finite (the moments describe these only)
+//   mean, m2   mean and sum of squared deviations of the finite values
+//   nonfinite  values that are NaN or +-Inf (counted, never mixed into the moments)
+enum StatRow : int { kCount = 0, kMean = 1, kM2 = 2, kNonfinite = 3, kStatRows = 4 };
+
 // Population statistics of a set of values: how many (n), their mean, and M2 = sum (v - mean)^2.
 // Variance (correction=0) is m2 / n. The empty set is {0, 0, 0}.
 // n is kept in the same floating type as mean and m2 because every merge divides by it; exact
@@ -98,16 +104,19 @@ GS_HOST_DEVICE T grad_input_eval(T dy, T scale) {
 }
 
 // Folds one backward's statistics into a module's state (gradstats::record_grad_stats_):
-//   stats: [G][3][C] = gradient x {count, mean, m2} x channel (G = 2 for a batch-norm layer:
+//   stats: [G][kStatRows][C] = gradient x row x channel (G = 2 for a batch-norm layer:
 //          grad_output and grad_input; G = 1 for a gradient probe)
-//   state: [3][G][3][C], slots {last, accumulated, exponential moving average} of that layout.
+//   state: [3][G][kStatRows][C], slots {last, accumulated, exponential moving average}.
+// Moments are Chan-merged; non-finite counts add up (decayed like the weights in the EMA).
 // Handles element i in [0, G*C) of the (gradient, channel) pairs; the CPU loops over i, CUDA
 // gives each thread one i.
 GS_HOST_DEVICE void record_moments(double* state, const double* stats, long long G, long long C,
                                    long long i, double ema_decay) {
   const long long which = i / C, c = i % C;
-  const long long count = (which * 3 + 0) * C + c, mean = count + C, m2 = mean + C;
-  const long long slot = G * 3 * C;
+  const long long base = which * kStatRows * C + c;
+  const long long count = base + kCount * C, mean = base + kMean * C, m2 = base + kM2 * C,
+                  nonfinite = base + kNonfinite * C;
+  const long long slot = G * kStatRows * C;
   const Moments<double> fresh{stats[count], stats[mean], stats[m2]};
   double* slots[3] = {state, state + slot, state + 2 * slot};
   const Moments<double> accumulated =
@@ -115,10 +124,13 @@ GS_HOST_DEVICE void record_moments(double* state, const double* stats, long long
   const Moments<double> ema =
       merge_moments(Moments<double>{slots[2][count], slots[2][mean], slots[2][m2]}, fresh, ema_decay);
   const Moments<double>* updated[3] = {&fresh, &accumulated, &ema};
+  const double nonfinite_values[3] = {stats[nonfinite], slots[1][nonfinite] + stats[nonfinite],
+                                      slots[2][nonfinite] * ema_decay + stats[nonfinite]};
   for (int k = 0; k < 3; ++k) {
     slots[k][count] = updated[k]->n;
     slots[k][mean] = updated[k]->mean;
     slots[k][m2] = updated[k]->m2;
+    slots[k][nonfinite] = nonfinite_values[k];
   }
 }
 

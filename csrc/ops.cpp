@@ -35,8 +35,12 @@
 //   grad_input:  input's shape and layout, input's dtype; shape [0] when grad_input_mask is False.
 //   grad_weight: [C] sum(dy * x_hat); grad_bias: [C] sum(dy). In weight's dtype (the accumulation
 //                dtype when weight is None). Computed whatever the mask: they cost nothing extra.
-//   stats:       [2, 3, C] float64: stats[0] describes grad_output, stats[1] grad_input; rows are
-//                (count, mean, M2) with population variance = M2 / count.
+//   stats:       [2, 4, C] float64: stats[0] describes grad_output, stats[1] grad_input; rows are
+//                (count, mean, M2, nonfinite): count and nonfinite are the numbers of finite and
+//                of NaN/infinite values per channel, mean and M2 describe the finite values only
+//                (population variance = M2 / count). The gradients themselves are untouched:
+//                NaNs and infinities in dy flow into dx, grad_weight and grad_bias exactly as in
+//                PyTorch's backward.
 //
 // Precision: values accumulate in float32 (float64 for float64 storage) within chunks of at most
 // 8192 values per channel, shifted by a pivot taken from the data; chunks, threads and blocks are
@@ -48,17 +52,17 @@
 // -------------------------------------------------------------------------------------------------
 // gradstats::record_grad_stats_(Tensor(a!) state, Tensor stats, float ema_decay) -> ()
 //
-// Folds one backward's stats ([G, 3, C] float64 for G gradients: G = 2 as bn_backward_stats
-// returns them, G = 1 for a probe) into a module's state ([3, G, 3, C] float64, slots: 0 last,
+// Folds one backward's stats ([G, 4, C] float64 for G gradients: G = 2 as bn_backward_stats
+// returns them, G = 1 for a probe) into a module's state ([3, G, 4, C] float64, slots: 0 last,
 // 1 accumulated, 2 exponential moving average), in place and without synchronising with the host:
 //   state[0] = stats;  state[1] = chan_merge(state[1], stats);
 //   state[2] = chan_merge(state[2] with its weight times ema_decay, stats), 0 <= ema_decay <= 1.
-// An empty slot has count 0.
+// Non-finite counts add up (and decay in the EMA). An empty slot has count 0 and nonfinite 0.
 //
 // gradstats::channel_moments(Tensor input) -> Tensor
 //
 // Per-channel statistics of a (N, C, H, W) or (N, C) tensor over every dimension but C:
-// [3, C] float64 rows (count, mean, M2), computed like bn_backward_stats' statistics (one read
+// [4, C] float64 rows (count, mean, M2, nonfinite), computed like bn_backward_stats' statistics (one read
 // pass, shifted sums in chunks, Chan merges in float64). Layouts as bn_backward_stats. Gradient
 // probes call it on the gradient that flows through them.
 //
@@ -235,11 +239,11 @@ PreparedMoments prepare_channel_moments(const at::Tensor& input, c10::DeviceType
 void check_record_grad_stats(const at::Tensor& state, const at::Tensor& stats, double ema_decay,
                              c10::DeviceType device_type) {
   TORCH_CHECK_VALUE(stats.dim() == 3 && stats.size(0) >= 1 && stats.size(1) == kStatRows,
-                    "record_grad_stats_: stats must have shape [G, 3, C], got ", stats.sizes());
+                    "record_grad_stats_: stats must have shape [G, ", kStatRows, ", C], got ", stats.sizes());
   const int64_t G = stats.size(0), C = stats.size(2);
   TORCH_CHECK_VALUE(state.dim() == 4 && state.size(0) == 3 && state.size(1) == G &&
                         state.size(2) == kStatRows && state.size(3) == C,
-                    "record_grad_stats_: state must have shape [3, ", G, ", 3, ", C, "] for stats of shape ",
+                    "record_grad_stats_: state must have shape [3, ", G, ", ", kStatRows, ", ", C, "] for stats of shape ",
                     stats.sizes(), ", got ", state.sizes());
   TORCH_CHECK_TYPE(state.scalar_type() == at::kDouble && stats.scalar_type() == at::kDouble,
                    "record_grad_stats_: state and stats must be float64, got ", state.scalar_type(),

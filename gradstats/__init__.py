@@ -6,13 +6,14 @@ Public API:
     convert_batchnorm     replace a model's nn.BatchNorm2d layers by GradStatBatchNorm2d
     instrument            convert_batchnorm + probes at the outputs of residual blocks
     probes, batchnorms    the recording modules of a model, in order
+    first_nonfinite       where NaN/Inf gradients first appeared in the last backward
     plain_state_dict      a state_dict without gradstats buffers, for plain nn.BatchNorm2d models
     GradStats, ChannelStats  the records: per-channel count, mean and variance
     bn_backward_stats     the fused operator (torch.ops.gradstats.bn_backward_stats)
 """
 
-from .nn import (GradProbe, GradStatBatchNorm2d, batchnorms, convert_batchnorm, instrument,
-                 plain_state_dict, probes)
+from .nn import (GradProbe, GradStatBatchNorm2d, batchnorms, convert_batchnorm, first_nonfinite,
+                 instrument, plain_state_dict, probes)
 from .ops import bn_backward_stats, channel_moments, cpu_capability, cuda_kernels_built
 from .stats import ChannelStats, GradStats
 
@@ -27,6 +28,7 @@ __all__ = [
     "convert_batchnorm",
     "cpu_capability",
     "cuda_kernels_built",
+    "first_nonfinite",
     "instrument",
     "plain_state_dict",
     "probes",

@@ -63,6 +63,6 @@ def run(args: argparse.Namespace) -> int:
         dy, dx = stats.grad_output, stats.grad_input
         var_dy, var_dx = dy.var.mean().item(), dx.var.mean().item()
         ratio = var_dx / var_dy if var_dy > 0 else float("nan")
-        print(f"{name:<22} {layer.num_features:>4} {dy.count:>7} {dy.mean.mean().item():>11.3e} {var_dy:>10.3e} "
+        print(f"{name:<22} {layer.num_features:>4} {int(dy.count.max()):>7} {dy.mean.mean().item():>11.3e} {var_dy:>10.3e} "
               f"{dx.mean.mean().item():>11.3e} {var_dx:>10.3e} {ratio:>10.3g}")
     return 0

@@ -4,18 +4,19 @@ into existing models (convert_batchnorm, instrument)."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import ops  # noqa: F401  (registers torch.ops.gradstats)
-from .stats import SLOT_ACCUMULATED, SLOT_EMA, SLOT_LAST, ChannelStats, GradStats, new_state
+from .stats import ROW_NONFINITE, SLOT_ACCUMULATED, SLOT_EMA, SLOT_LAST, ChannelStats, GradStats, new_state
 
 __all__ = [
-    "GradProbe", "GradStatBatchNorm2d", "GradStatsRecorder", "batchnorms", "convert_batchnorm",
-    "gradstats_buffer_names", "instrument", "plain_state_dict", "probes", "STATE_BUFFER",
+    "GradProbe", "GradStatBatchNorm2d", "GradStatsRecorder", "NonfiniteSite", "batchnorms",
+    "convert_batchnorm", "first_nonfinite", "gradstats_buffer_names", "instrument",
+    "plain_state_dict", "probes", "STATE_BUFFER",
 ]
 
 STATE_BUFFER = "grad_stats_state"
@@ -129,6 +130,11 @@ class GradStatsRecorder:
         if key not in state_dict:  # e.g. an nn.BatchNorm2d state_dict: keep the statistics
             state_dict = dict(state_dict)
             state_dict[key] = self.grad_stats_state
+        elif state_dict[key].dim() == 4 and state_dict[key].shape[2] == 3:
+            # Saved before statistics counted non-finite values (rows count, mean, M2): none were.
+            state_dict = dict(state_dict)
+            old = state_dict[key]
+            state_dict[key] = torch.cat([old, torch.zeros_like(old[:, :, :1])], dim=2)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
 
@@ -356,6 +362,51 @@ def instrument(model: nn.Module, *, probes: bool = True, grad_stats_ema_decay: f
                                             record_activations=record_activations, device=device))
         module.register_forward_hook(_apply_probe)
     return model
+
+
+class NonfiniteSite(NamedTuple):
+    """Where first_nonfinite found non-finite gradient values."""
+
+    name: str          # the module's name in the model
+    module: nn.Module
+    gradient: str      # "grad_output": it arrived with them; "grad_input": it produced them
+    channels: int      # channels with at least one non-finite value
+    values: int        # non-finite values in that gradient
+
+    def __str__(self) -> str:
+        verb = "received" if self.gradient == "grad_output" else "passed on"
+        return (f"{self.name} ({type(self.module).__name__}) {verb} {self.values} non-finite gradient "
+                f"values in {self.channels} channels ({self.gradient})")
+
+
+def first_nonfinite(model: nn.Module) -> NonfiniteSite | None:
+    """The recording module (GradStatBatchNorm2d or GradProbe) where non-finite gradient values
+    first appeared in the last backward pass, or None if there were none.
+
+    Backward order is taken as the reverse of the modules' registration order, which is their
+    forward order in the usual models (torchvision's and gradstats' ResNets, nn.Sequential).
+    Walking that order, the first module whose last record counts NaN or infinite values in
+    the gradient it received (grad_output) or passed on (grad_input) is returned: "grad_input"
+    means this layer turned finite gradients into non-finite ones; "grad_output" means they came
+    from above it (the loss, or layers gradstats does not record). Reads the device once.
+    """
+    recorders = [(name, m) for name, m in model.named_modules() if isinstance(m, GradStatsRecorder)]
+    if not recorders:
+        return None
+    # [modules, G, C] non-finite counts of the last backward, padded to 2 gradients, one transfer.
+    counts = []
+    for _, m in recorders:
+        last = m.grad_stats_state[SLOT_LAST, :, ROW_NONFINITE]  # [G, C]
+        counts.append((last[0], last[-1]))
+    flat = torch.stack([torch.stack([a.sum(), (a > 0).sum(), b.sum(), (b > 0).sum()])
+                        for a, b in counts]).cpu()
+    for (name, module), row in zip(reversed(recorders), reversed(flat.tolist())):
+        out_values, out_channels, in_values, in_channels = row
+        if out_values > 0:
+            return NonfiniteSite(name, module, "grad_output", int(out_channels), int(out_values))
+        if in_values > 0:
+            return NonfiniteSite(name, module, "grad_input", int(in_channels), int(in_values))
+    return None
 
 
 def gradstats_buffer_names(model: nn.Module) -> list[str]:

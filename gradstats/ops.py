@@ -22,7 +22,7 @@ from .reference import bn_backward_formula
 
 __all__ = ["bn_backward_stats", "channel_moments", "record_grad_stats_", "cuda_kernels_built", "cpu_capability"]
 
-STAT_ROWS = 3  # count, mean, M2
+STAT_ROWS = 4  # count (of finite values), mean, M2, nonfinite
 
 
 def bn_backward_stats(
@@ -36,8 +36,9 @@ def bn_backward_stats(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Batch-norm backward fused with per-channel statistics of grad_output and grad_input.
 
-    Returns (grad_input, grad_weight, grad_bias, stats); stats is [2, 3, C] float64, stats[0]
-    describing grad_output and stats[1] grad_input, rows (count, mean, M2). The full contract is
+    Returns (grad_input, grad_weight, grad_bias, stats); stats is [2, 4, C] float64, stats[0]
+    describing grad_output and stats[1] grad_input, rows (count, mean, M2, nonfinite): the moments
+    of the finite values and the number of NaN/infinite ones. The full contract is
     at the schema in csrc/ops.cpp.
     """
     return torch.ops.gradstats.bn_backward_stats.default(
@@ -46,12 +47,13 @@ def bn_backward_stats(
 
 
 def record_grad_stats_(state: Tensor, stats: Tensor, ema_decay: float) -> None:
-    """Folds ``stats`` ([2, 3, C]) into ``state`` ([3, 2, 3, C]: last, accumulated, EMA) in place."""
+    """Folds ``stats`` ([G, 4, C]) into ``state`` ([3, G, 4, C]: last, accumulated, EMA) in place."""
     torch.ops.gradstats.record_grad_stats_.default(state, stats, ema_decay)
 
 
 def channel_moments(input: Tensor) -> Tensor:
-    """[3, C] float64 (count, mean, M2) per channel of an (N, C, H, W) or (N, C) tensor."""
+    """[4, C] float64 (count, mean, M2, nonfinite) per channel of an (N, C, H, W) or (N, C)
+    tensor; count, mean and M2 describe its finite values."""
     return torch.ops.gradstats.channel_moments.default(input)
 
 

@@ -58,15 +58,20 @@ def bn_backward_formula(
 
 
 def channel_moments(values: Tensor) -> Tensor:
-    """[3, C] float64 (count, mean, M2) of each channel of an (N, C, H, W) tensor.
+    """[4, C] float64 (count, mean, M2, nonfinite) of each channel of an (N, C, H, W) tensor:
+    count, mean and M2 of its finite values, and how many are NaN or infinite.
 
     Two-pass (mean first, then squared deviations from it) in float64: the textbook-exact way.
     """
     v = values.double()
-    count = v.numel() // v.shape[1]
-    mean = v.mean(_REDUCE_DIMS)
-    m2 = ((v - _per_channel(mean)) ** 2).sum(_REDUCE_DIMS)
-    return torch.stack([torch.full_like(mean, count), mean, m2])
+    finite = torch.isfinite(v)
+    count = finite.sum(_REDUCE_DIMS).double()
+    clean = torch.where(finite, v, torch.zeros_like(v))
+    mean = clean.sum(_REDUCE_DIMS) / count.clamp_min(1)
+    deviation = torch.where(finite, v - _per_channel(mean), torch.zeros_like(v))
+    m2 = (deviation**2).sum(_REDUCE_DIMS)
+    nonfinite = (~finite).sum(_REDUCE_DIMS).double()
+    return torch.stack([count, mean, m2, nonfinite])
 
 
 def bn_backward_stats_reference(
@@ -77,8 +82,8 @@ def bn_backward_stats_reference(
     invstd: Tensor,
     training: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """float64 (grad_input, grad_weight, grad_bias, stats), stats as the op's: [2, 3, C] with
-    stats[0] for grad_output and stats[1] for grad_input, rows (count, mean, M2)."""
+    """float64 (grad_input, grad_weight, grad_bias, stats), stats as the op's: [2, 4, C] with
+    stats[0] for grad_output and stats[1] for grad_input, rows (count, mean, M2, nonfinite)."""
     as64 = lambda t: None if t is None else t.detach().double()  # noqa: E731
     dy, x = as64(grad_output), as64(input)
     grad_input, grad_weight, grad_bias = bn_backward_formula(

@@ -1,11 +1,14 @@
 """Per-channel gradient statistics: the user-facing records and the state buffer behind them.
 
 A module that records statistics (GradStatBatchNorm2d, GradProbe) owns one float64 buffer
-``grad_stats_state`` of shape [3, G, 3, C]:
+``grad_stats_state`` of shape [3, G, 4, C]:
   slot      0 last backward, 1 accumulated since reset, 2 exponential moving average
   gradient  G = 2 for a batch-norm layer: 0 grad_output (dy), 1 grad_input (dx);
             G = 1 for a probe: the gradient flowing through it
-  row       0 count, 1 mean, 2 M2 (sum of squared deviations from the mean)
+  row       0 count of finite values, 1 their mean, 2 their M2 (sum of squared deviations
+            from the mean), 3 count of NaN and infinite values
+Statistics describe the finite values only, so one step that diverges cannot poison the
+accumulated statistics for the rest of a run; the non-finite values are counted instead.
 The backward pass updates it in place on the module's device (gradstats::record_grad_stats_), so
 training never waits for the host; ChannelStats / GradStats are snapshots made when read.
 """
@@ -19,18 +22,20 @@ from torch import Tensor
 
 SLOT_LAST, SLOT_ACCUMULATED, SLOT_EMA = 0, 1, 2
 GRAD_OUTPUT, GRAD_INPUT = 0, 1
-ROW_COUNT, ROW_MEAN, ROW_M2 = 0, 1, 2
+ROW_COUNT, ROW_MEAN, ROW_M2, ROW_NONFINITE = 0, 1, 2, 3
+ROWS = 4
 
 
 def new_state(num_channels: int, gradients: int = 2, device: torch.device | str | None = None) -> Tensor:
     """An empty statistics state: every slot has count 0."""
-    return torch.zeros(3, gradients, 3, num_channels, dtype=torch.float64, device=device)
+    return torch.zeros(3, gradients, ROWS, num_channels, dtype=torch.float64, device=device)
 
 
 def merge_moments(parts: list[Tensor]) -> Tensor:
-    """Chan merge of moments tensors of one shape [..., 3, C] (rows count, mean, M2), e.g. the
-    same module's statistics from several processes: the statistics of all their values
-    together. Uses the kernels' own merge (gradstats::record_grad_stats_), on the parts' device.
+    """Chan merge of statistics tensors of one shape [..., 4, C] (rows count, mean, M2,
+    nonfinite), e.g. the same module's statistics from several processes: the statistics of all
+    their values together. Uses the kernels' own merge (gradstats::record_grad_stats_), on the
+    parts' device.
     """
     if not parts:
         raise ValueError("merge_moments needs at least one part")
@@ -50,18 +55,19 @@ def merge_moments(parts: list[Tensor]) -> Tensor:
 
 @dataclass(frozen=True)
 class ChannelStats:
-    """Per-channel statistics of one gradient tensor over (N, H, W).
+    """Per-channel statistics of one gradient tensor over (N, H, W), as [C] tensors on the
+    module's device.
 
-    count: number of values per channel (the same for every channel); for a moving average,
-        the effective number (decayed weights), rounded. Making the record reads it from the
-        device once.
-    mean, var: [C] float64 tensors on the module's device; var is the population variance
-        (correction=0), as torch.var_mean(..., correction=0) gives.
+    count: int64, finite values per channel (for a moving average: the decayed count, rounded).
+    mean, var: float64 mean and population variance (correction=0, as torch.var_mean(...,
+        correction=0)) of the finite values; NaN for a channel with none.
+    nonfinite: int64, NaN and infinite values per channel, which mean and var leave out.
     """
 
-    count: int
+    count: Tensor
     mean: Tensor
     var: Tensor
+    nonfinite: Tensor
 
     @property
     def std(self) -> Tensor:
@@ -69,11 +75,17 @@ class ChannelStats:
 
     @classmethod
     def from_moments(cls, moments: Tensor) -> "ChannelStats":
-        """From a [3, C] (count, mean, M2) tensor; copies, so later updates do not leak in."""
-        count, mean, m2 = moments.unbind(0)
-        n = round(count[0].item()) if count.numel() else 0
-        var = m2 / count.clamp_min(1)
-        return cls(count=n, mean=mean.clone(), var=var)
+        """From a [4, C] (count, mean, M2, nonfinite) tensor; copies, so later updates do not
+        leak in."""
+        count, mean, m2, nonfinite = moments.unbind(0)
+        have = count > 0
+        nan = torch.full_like(mean, float("nan"))
+        return cls(
+            count=count.round().to(torch.int64),
+            mean=torch.where(have, mean, nan),
+            var=torch.where(have, m2 / count.clamp_min(1), nan),
+            nonfinite=nonfinite.round().to(torch.int64),
+        )
 
 
 @dataclass(frozen=True)
@@ -87,8 +99,10 @@ class GradStats:
 
     @classmethod
     def from_slot(cls, slot: Tensor) -> "GradStats | None":
-        """From one [G, 3, C] slot of a state buffer; None when it holds no backward yet."""
-        if slot.shape[-1] == 0 or not bool(slot[GRAD_OUTPUT, ROW_COUNT, 0] > 0):
+        """From one [G, 4, C] slot of a state buffer; None when it holds no backward yet.
+        Reading it synchronises with the device once (for that check)."""
+        first = slot[GRAD_OUTPUT, :, 0]
+        if slot.shape[-1] == 0 or not bool(first[ROW_COUNT] + first[ROW_NONFINITE] > 0):
             return None
         grad_output = ChannelStats.from_moments(slot[GRAD_OUTPUT])
         grad_input = ChannelStats.from_moments(slot[GRAD_INPUT]) if slot.shape[0] > 1 else grad_output

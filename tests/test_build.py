@@ -20,12 +20,17 @@ def test_cpu_kernel_build_is_reported():
     assert gradstats.cpu_capability() in ("baseline", "avx2", "avx512")
 
 
+def _f64(*shape):
+    return torch.zeros(*shape, dtype=torch.float64)
+
+
 @pytest.mark.parametrize("case, error, message", [
-    ((torch.zeros(3, 2, 3, 4, dtype=torch.float64), torch.zeros(2, 3, 5, dtype=torch.float64), 0.9), ValueError, r"state must have shape \[3, 2, 3, 5\]"),
-    ((torch.zeros(3, 2, 3, 4), torch.zeros(2, 3, 4), 0.9), TypeError, "must be float64"),
-    ((torch.zeros(3, 2, 3, 4, dtype=torch.float64), torch.zeros(2, 3, 4, dtype=torch.float64), 1.5), ValueError, r"ema_decay must be in \[0, 1\]"),
-    ((torch.zeros(3, 2, 3, 4, dtype=torch.float64), torch.zeros(3, 4, dtype=torch.float64), 0.9), ValueError, r"stats must have shape \[G, 3, C\]"),
-    ((torch.zeros(3, 2, 3, 4, dtype=torch.float64), torch.zeros(1, 3, 4, dtype=torch.float64), 0.9), ValueError, r"state must have shape \[3, 1, 3, 4\]"),
+    ((_f64(3, 2, 4, 4), _f64(2, 4, 5), 0.9), ValueError, r"state must have shape \[3, 2, 4, 5\]"),
+    ((torch.zeros(3, 2, 4, 4), torch.zeros(2, 4, 4), 0.9), TypeError, "must be float64"),
+    ((_f64(3, 2, 4, 4), _f64(2, 4, 4), 1.5), ValueError, r"ema_decay must be in \[0, 1\]"),
+    ((_f64(3, 2, 4, 4), _f64(4, 4), 0.9), ValueError, r"stats must have shape \[G, 4, C\]"),
+    ((_f64(3, 2, 4, 4), _f64(2, 3, 4), 0.9), ValueError, r"stats must have shape \[G, 4, C\]"),
+    ((_f64(3, 2, 4, 4), _f64(1, 4, 4), 0.9), ValueError, r"state must have shape \[3, 1, 4, 4\]"),
 ])
 def test_record_grad_stats_checks(case, error, message):
     state = case[0].clone()

@@ -50,8 +50,9 @@ def check_against_reference(out, dy, x, weight, mean, invstd, training, grad_inp
     assert_close_scaled(grad_bias, ref_gb, dy64.abs().sum(dims), tol, "grad_bias")
     assert_close_scaled(grad_weight, ref_gw, (dy64 * x_hat).abs().sum(dims), tol, "grad_weight")
 
-    assert stats.dtype == torch.float64 and stats.shape == (2, 3, dy.shape[1])
-    assert torch.equal(stats[:, 0].cpu(), torch.full_like(stats[:, 0].cpu(), m))
+    assert stats.dtype == torch.float64 and stats.shape == (2, 4, dy.shape[1])
+    assert torch.equal(stats[:, 0].cpu(), torch.full_like(stats[:, 0].cpu(), m))  # all finite
+    assert torch.equal(stats[:, 3].cpu(), torch.zeros_like(stats[:, 3].cpu()))
     # dy: exact storage values, so only accumulation rounding: the mean relative to mean|dy|, the
     # variance relative to itself (which large offsets would break).
     # dx: each value carries an error of up to tol * T (T = terms_dx), which moves the mean by
@@ -201,8 +202,8 @@ def test_opcheck(device):
                      (dy, x, None, mean, invstd, False, True),
                      (dy, x, weight, mean, invstd, True, False)):
             torch.library.opcheck(torch.ops.gradstats.bn_backward_stats.default, args)
-    state = torch.zeros(3, 2, 3, 4, dtype=torch.float64, device=device)
-    stats = torch.rand(2, 3, 4, dtype=torch.float64, device=device) + 1
+    state = torch.zeros(3, 2, 4, 4, dtype=torch.float64, device=device)
+    stats = torch.rand(2, 4, 4, dtype=torch.float64, device=device) + 1
     torch.library.opcheck(torch.ops.gradstats.record_grad_stats_.default, (state, stats, 0.9))
 
 

@@ -20,6 +20,7 @@
 #pragma once
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
@@ -133,10 +134,29 @@ GS_VEC_INLINE V update(V dy, V x, V mean, V scale, V mean_dy, V k, V pivot_dy, V
 
 // What one task contributes for one channel; merged across tasks in task order.
 struct Partial {
-  Moments<double> dy{0, 0, 0};
+  Moments<double> dy{0, 0, 0};  // of the finite values
   Moments<double> dx{0, 0, 0};
+  double nonfinite_dy = 0, nonfinite_dx = 0;
   double sum_dy = 0;
   double sum_dy_xmu = 0;
+};
+
+// The slow path of a chunk whose values are not all finite (see flush_chunk): moments of the
+// finite values, in double, and the count of the others.
+struct FiniteMoments {
+  double n = 0, pivot = 0, s1 = 0, s2 = 0, nonfinite = 0;
+  void add(double v) {
+    if (!std::isfinite(v)) {
+      nonfinite += 1;
+      return;
+    }
+    if (n == 0) pivot = v;
+    const double d = v - pivot;
+    s1 += d;
+    s2 += d * d;
+    n += 1;
+  }
+  Moments<double> moments() const { return moments_from_shifted_sums(n, pivot, s1, s2); }
 };
 
 // Pivot of a new chunk: the mean of the chunks of this (part, channel) merged so far, once there
@@ -154,9 +174,10 @@ inline int64_t chunk_limit(const Moments<double>& so_far, int64_t full) {
   return so_far.n > 0 ? full : std::min(full, kFirstChunk);
 }
 
-// dx of one element as update() stores it: the first value of a chunk, for its pivot.
+// dx of one element as update() computes and stores it (a chunk's pivot, or the re-read of a
+// chunk with non-finite values).
 template <Pass P, typename scalar_t, typename acc_t>
-inline acc_t first_grad_input(scalar_t dy, scalar_t x, acc_t mean, acc_t scale, acc_t mean_dy,
+inline acc_t stored_grad_input(scalar_t dy, scalar_t x, acc_t mean, acc_t scale, acc_t mean_dy,
                               acc_t k) {
   ChunkSums<acc_t> unused{};
   constexpr Pass kDxPass = P == Pass::kEvalFused ? P : Pass::kGradInputTrain;
@@ -164,21 +185,34 @@ inline acc_t first_grad_input(scalar_t dy, scalar_t x, acc_t mean, acc_t scale, 
                                    mean_dy, k, acc_t(0), acc_t(0), unused);
 }
 
-// Folds the totals of a chunk of n values into a partial.
-template <Pass P>
-inline void flush_chunk(Partial& out, int64_t n, double p_dy, double p_dx, const double* totals) {
+// Folds the totals of a chunk of n values into a partial. A NaN or an infinity anywhere in the
+// chunk makes its shifted sums non-finite (so does a float overflow of the squares); only then,
+// rarely, `recount(dx)` re-reads the chunk (it is still in cache) and returns the moments of its
+// finite values in double and the count of the others. The gradient sums are left as they
+// are: dbias and dweight must carry the NaN exactly as PyTorch's would.
+template <Pass P, typename Recount>
+inline void flush_chunk(Partial& out, int64_t n, double p_dy, double p_dx, const double* totals,
+                        Recount&& recount) {
   const double dn = static_cast<double>(n);
-  if constexpr (P == Pass::kMoments) {
-    out.dy = merge_moments(out.dy, moments_from_shifted_sums(dn, p_dy, totals[kS1Dy], totals[kS2Dy]));
-    return;
-  }
+  auto fold = [&](Moments<double>& into, double& nonfinite, double pivot, double s1, double s2,
+                  bool dx) {
+    if (std::isfinite(s1) && std::isfinite(s2)) {
+      into = merge_moments(into, moments_from_shifted_sums(dn, pivot, s1, s2));
+    } else {
+      const FiniteMoments finite = recount(dx);
+      into = merge_moments(into, finite.moments());
+      nonfinite += finite.nonfinite;
+    }
+  };
   if constexpr (P != Pass::kGradInputTrain) {
-    out.sum_dy += totals[kSumDy];
-    out.sum_dy_xmu += totals[kSumDyXmu];
-    out.dy = merge_moments(out.dy, moments_from_shifted_sums(dn, p_dy, totals[kS1Dy], totals[kS2Dy]));
+    if constexpr (P != Pass::kMoments) {
+      out.sum_dy += totals[kSumDy];
+      out.sum_dy_xmu += totals[kSumDyXmu];
+    }
+    fold(out.dy, out.nonfinite_dy, p_dy, totals[kS1Dy], totals[kS2Dy], false);
   }
-  if constexpr (P != Pass::kReduceGradOutput) {
-    out.dx = merge_moments(out.dx, moments_from_shifted_sums(dn, p_dx, totals[kS1Dx], totals[kS2Dx]));
+  if constexpr (P != Pass::kReduceGradOutput && P != Pass::kMoments) {
+    fold(out.dx, out.nonfinite_dx, p_dx, totals[kS1Dx], totals[kS2Dx], true);
   }
 }
 
@@ -221,9 +255,10 @@ void nchw_task(const BnBackwardProblem& p, const Coeffs<acc_type_t<scalar_t>>& c
   int64_t n = n_begin, i0 = 0;
   while (n < n_end) {
     const int64_t first = n * row_stride + i0;
+    const int64_t chunk_n = n, chunk_i0 = i0;
     const acc_t p_dy = chunk_pivot(out.dy, IO::load1(dy + first));
     const acc_t p_dx =
-        chunk_pivot(out.dx, first_grad_input<P>(dy[first], x[first], mean, scale, mean_dy, k));
+        chunk_pivot(out.dx, stored_grad_input<P>(dy[first], x[first], mean, scale, mean_dy, k));
     const vec p_dy_v = vec{} + p_dy, p_dx_v = vec{} + p_dx;
     const int64_t limit = chunk_limit(P == Pass::kGradInputTrain ? out.dx : out.dy, kChunk);
     ChunkSums<vec> lanes{};   // the vector body
@@ -257,7 +292,25 @@ void nchw_task(const BnBackwardProblem& p, const Coeffs<acc_type_t<scalar_t>>& c
     for (int q = 0; q < kNumSums; ++q) {
       totals[q] = lane_total<vec, L>(lanes.v[q]) + static_cast<double>(tail.v[q]);
     }
-    flush_chunk<P>(out, filled, p_dy, p_dx, totals);
+    auto recount = [&](bool want_dx) {
+      FiniteMoments finite;
+      int64_t rn = chunk_n, ri = chunk_i0;
+      for (int64_t left = filled; left > 0;) {
+        const int64_t len = std::min(HW - ri, left);
+        for (int64_t at = rn * row_stride + ri, end = at + len; at < end; ++at) {
+          finite.add(want_dx ? stored_grad_input<P>(dy[at], x[at], mean, scale, mean_dy, k)
+                             : IO::load1(dy + at));
+        }
+        left -= len;
+        ri += len;
+        if (ri == HW) {
+          ri = 0;
+          ++rn;
+        }
+      }
+      return finite;
+    };
+    flush_chunk<P>(out, filled, p_dy, p_dx, totals, recount);
   }
 }
 
@@ -299,7 +352,7 @@ void nhwc_task(const BnBackwardProblem& p, const Coeffs<acc_type_t<scalar_t>>& c
       const int64_t off = r0 * C + j;
       const Partial& so_far = out[c_begin + j];
       p_dy[j] = chunk_pivot(so_far.dy, IO::load1(dy + off));
-      p_dx[j] = chunk_pivot(so_far.dx, first_grad_input<P>(dy[off], x[off], mean[j], scale[j],
+      p_dx[j] = chunk_pivot(so_far.dx, stored_grad_input<P>(dy[off], x[off], mean[j], scale[j],
                                                            mean_dy[j], k[j]));
     }
     // Strips of K vectors of channels, each over a block of rows: the strip's sums stay in
@@ -381,7 +434,16 @@ void nhwc_task(const BnBackwardProblem& p, const Coeffs<acc_type_t<scalar_t>>& c
     for (int64_t j = 0; j < width; ++j) {
       double totals[kNumSums];
       for (int q = 0; q < kNumSums; ++q) totals[q] = pass_uses(P, q) ? static_cast<double>(sums[q][j]) : 0.0;
-      flush_chunk<P>(out[c_begin + j], r1 - r0, p_dy[j], p_dx[j], totals);
+      auto recount = [&](bool want_dx) {
+        FiniteMoments finite;
+        for (int64_t r = r0; r < r1; ++r) {
+          const int64_t off = r * C + j;
+          finite.add(want_dx ? stored_grad_input<P>(dy[off], x[off], mean[j], scale[j], mean_dy[j], k[j])
+                             : IO::load1(dy + off));
+        }
+        return finite;
+      };
+      flush_chunk<P>(out[c_begin + j], r1 - r0, p_dy[j], p_dx[j], totals, recount);
     }
   }
 }
@@ -446,6 +508,8 @@ inline Partial merge_channel(const std::vector<Partial>& partials, int64_t parts
     const Partial& q = partials[part * C + c];
     total.dy = merge_moments(total.dy, q.dy);
     total.dx = merge_moments(total.dx, q.dx);
+    total.nonfinite_dy += q.nonfinite_dy;
+    total.nonfinite_dx += q.nonfinite_dx;
     total.sum_dy += q.sum_dy;
     total.sum_dy_xmu += q.sum_dy_xmu;
   }
@@ -473,7 +537,8 @@ void bn_backward_stats_typed(const BnBackwardProblem& p, ParallelFor parallel_fo
   if (p.moments_only) {
     run_pass<Pass::kMoments, false, scalar_t>(p, t, cf, partials, parallel_for);
     for (int64_t c = 0; c < C; ++c) {
-      store_stats(p.stats, kGradOutput, C, c, merge_channel(partials, t.parts, C, c).dy);
+      const Partial total = merge_channel(partials, t.parts, C, c);
+      store_stats(p.stats, kGradOutput, C, c, total.dy, total.nonfinite_dy);
     }
     return;
   }
@@ -485,7 +550,7 @@ void bn_backward_stats_typed(const BnBackwardProblem& p, ParallelFor parallel_fo
     const Partial total = merge_channel(partials, t.parts, C, c);
     sum_dy[c] = total.sum_dy;
     sum_dy_xmu[c] = total.sum_dy_xmu;
-    store_stats(p.stats, kGradOutput, C, c, total.dy);
+    store_stats(p.stats, kGradOutput, C, c, total.dy, total.nonfinite_dy);
     // In double, rounded once to acc_t.
     const GradInputCoeffs<double> g = grad_input_coeffs<double>(
         p.train, m, sum_dy[c], sum_dy_xmu[c], mean[c], invstd[c], weight ? weight[c] : 1.0);
@@ -494,7 +559,8 @@ void bn_backward_stats_typed(const BnBackwardProblem& p, ParallelFor parallel_fo
     cf.k[c] = static_cast<acc_t>(g.k);
   };
   auto finish_grad_input = [&](int64_t c) {
-    store_stats(p.stats, kGradInput, C, c, merge_channel(partials, t.parts, C, c).dx);
+    const Partial total = merge_channel(partials, t.parts, C, c);
+    store_stats(p.stats, kGradInput, C, c, total.dx, total.nonfinite_dx);
   };
 
   if (!p.train) {

@@ -18,7 +18,9 @@
 // Precision: per thread, values accumulate in acc_t (float; double for double) around a pivot for
 // at most kThreadChunk values, then fold into moments; threads merge with warp shuffles and shared
 // memory in acc_t; blocks merge in double in the finish kernels. sum(dy) and sum(dy*(x-mean)) are
-// summed directly (their rounding matches a plain sum whatever the pivot).
+// summed directly (their rounding matches a plain sum whatever the pivot). NaNs and infinities are
+// counted and left out of the moments (the CPU does the same through a re-read of the rare chunk
+// that has them; here the per-value test costs nothing against memory).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -70,14 +72,20 @@ struct Storage<__nv_bfloat16> {
 };
 
 // ---- per-thread and per-block statistics ------------------------------------------------------
-// Moments of a stream of values, accumulated as shifted sums in chunks of kThreadChunk.
+// Moments of the finite values of a stream, accumulated as shifted sums in chunks of
+// kThreadChunk, and the count of its NaNs and infinities (which the moments leave out).
 template <typename acc_t>
 struct StreamMoments {
   Moments<acc_t> folded{acc_t(0), acc_t(0), acc_t(0)};
   acc_t pivot = 0, s1 = 0, s2 = 0;
   int count = 0;
+  int64_t nonfinite = 0;
 
   __device__ __forceinline__ void add(acc_t v) {
+    if (!isfinite(v)) {
+      ++nonfinite;
+      return;
+    }
     if (count == 0) pivot = folded.n > acc_t(0) ? folded.mean : v;
     const acc_t d = v - pivot;
     s1 += d;
@@ -96,12 +104,14 @@ template <typename acc_t>
 struct Stats {
   Moments<acc_t> dy, dx;
   acc_t sum_dy, sum_dy_xmu;
+  long long nonfinite_dy, nonfinite_dx;
 };
 
 template <typename acc_t>
 __device__ __forceinline__ Stats<acc_t> merge_stats(const Stats<acc_t>& a, const Stats<acc_t>& b) {
   return {merge_moments(a.dy, b.dy), merge_moments(a.dx, b.dx), a.sum_dy + b.sum_dy,
-          a.sum_dy_xmu + b.sum_dy_xmu};
+          a.sum_dy_xmu + b.sum_dy_xmu, a.nonfinite_dy + b.nonfinite_dy,
+          a.nonfinite_dx + b.nonfinite_dx};
 }
 
 template <typename T>
@@ -114,13 +124,16 @@ template <typename acc_t>
 __device__ __forceinline__ Stats<acc_t> shfl_down(const Stats<acc_t>& s, int delta) {
   return {shfl_down(s.dy, delta), shfl_down(s.dx, delta),
           __shfl_down_sync(0xffffffffu, s.sum_dy, delta),
-          __shfl_down_sync(0xffffffffu, s.sum_dy_xmu, delta)};
+          __shfl_down_sync(0xffffffffu, s.sum_dy_xmu, delta),
+          __shfl_down_sync(0xffffffffu, s.nonfinite_dy, delta),
+          __shfl_down_sync(0xffffffffu, s.nonfinite_dx, delta)};
 }
 
 // Block partial result, in double: the finish kernels merge them per channel.
 struct Partial {
   Moments<double> dy, dx;
   double sum_dy, sum_dy_xmu;
+  double nonfinite_dy, nonfinite_dx;
 };
 
 // Reduces over the TY threads of each of the TX columns of a (TX, TY) block (TX a power of two
@@ -285,14 +298,17 @@ __global__ void __launch_bounds__(kThreads, 2) bn_pass_kernel(PassArgs a) {
     }
     m_dy.fold();
     m_dx.fold();
-    const Stats<acc_t> total =
-        block_reduce(Stats<acc_t>{m_dy.folded, m_dx.folded, sum_dy, sum_dy_xmu}, tx, TX, smem);
+    const Stats<acc_t> total = block_reduce(
+        Stats<acc_t>{m_dy.folded, m_dx.folded, sum_dy, sum_dy_xmu, m_dy.nonfinite, m_dx.nonfinite},
+        tx, TX, smem);
     if (ty == 0 && active) {
       Partial& out = a.partials[c * a.slices + slice];
       out.dy = {double(total.dy.n), double(total.dy.mean), double(total.dy.m2)};
       out.dx = {double(total.dx.n), double(total.dx.mean), double(total.dx.m2)};
       out.sum_dy = double(total.sum_dy);
       out.sum_dy_xmu = double(total.sum_dy_xmu);
+      out.nonfinite_dy = double(total.nonfinite_dy);
+      out.nonfinite_dx = double(total.nonfinite_dx);
     }
   };
   if (kChannelsLast) {
@@ -322,15 +338,17 @@ struct FinishArgs {
 
 __device__ __forceinline__ Partial merge_partial(const Partial& a, const Partial& b) {
   return {merge_moments(a.dy, b.dy), merge_moments(a.dx, b.dx), a.sum_dy + b.sum_dy,
-          a.sum_dy_xmu + b.sum_dy_xmu};
+          a.sum_dy_xmu + b.sum_dy_xmu, a.nonfinite_dy + b.nonfinite_dy,
+          a.nonfinite_dx + b.nonfinite_dx};
 }
 
 __device__ __forceinline__ void store_moments(double* stats, int which, int64_t C, int64_t c,
-                                              const Moments<double>& m) {
+                                              const Moments<double>& m, double nonfinite) {
   double* base = stats + static_cast<int64_t>(which) * kStatRows * C + c;
   base[kCount * C] = m.n;
   base[kMean * C] = m.mean;
   base[kM2 * C] = m.m2;
+  base[kNonfinite * C] = nonfinite;
 }
 
 // What a finish kernel writes (bit flags): dy stats; grad_weight, grad_bias and the constants of
@@ -343,19 +361,21 @@ __global__ void __launch_bounds__(kThreads) finish_kernel(FinishArgs a) {
   const int lane = threadIdx.x % kWarp;
   const int64_t c = static_cast<int64_t>(blockIdx.x) * (blockDim.x / kWarp) + threadIdx.x / kWarp;
   if (c >= a.C) return;  // whole warps exit together
-  Partial total{{0, 0, 0}, {0, 0, 0}, 0, 0};
+  Partial total{{0, 0, 0}, {0, 0, 0}, 0, 0, 0, 0};
   for (int s = lane; s < a.slices; s += kWarp) {
     total = merge_partial(total, a.partials[c * a.slices + s]);
   }
   for (int delta = kWarp / 2; delta > 0; delta >>= 1) {
     Partial other{shfl_down(total.dy, delta), shfl_down(total.dx, delta),
                   __shfl_down_sync(0xffffffffu, total.sum_dy, delta),
-                  __shfl_down_sync(0xffffffffu, total.sum_dy_xmu, delta)};
+                  __shfl_down_sync(0xffffffffu, total.sum_dy_xmu, delta),
+                  __shfl_down_sync(0xffffffffu, total.nonfinite_dy, delta),
+                  __shfl_down_sync(0xffffffffu, total.nonfinite_dx, delta)};
     total = merge_partial(total, other);
   }
   if (lane != 0) return;
   if (kWhat & kDyStats) {
-    store_moments(a.stats, kGradOutput, a.C, c, total.dy);
+    store_moments(a.stats, kGradOutput, a.C, c, total.dy, total.nonfinite_dy);
   }
   if (kWhat & kGradsAndCoeffs) {
     const acc_t* mean = static_cast<const acc_t*>(a.mean);
@@ -375,7 +395,7 @@ __global__ void __launch_bounds__(kThreads) finish_kernel(FinishArgs a) {
     }
   }
   if (kWhat & kDxStats) {
-    store_moments(a.stats, kGradInput, a.C, c, total.dx);
+    store_moments(a.stats, kGradInput, a.C, c, total.dx, total.nonfinite_dx);
   }
 }
 

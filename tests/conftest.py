@@ -34,6 +34,12 @@ FLOAT_DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 TOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
 
+def subnormal_spacing(dtype: torch.dtype) -> float:
+    """Spacing of a dtype's subnormal numbers: the rounding error of a tiny value stored in it."""
+    info = torch.finfo(dtype)
+    return info.smallest_normal * info.eps
+
+
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
@@ -43,13 +49,14 @@ def seed_for(*parts) -> int:
     return zlib.crc32("|".join(str(p) for p in parts).encode())
 
 
-def assert_close_scaled(actual, expected, scale, tol, what):
-    """|actual - expected| <= tol * scale elementwise (scale broadcastable), after printing the
-    worst and mean error relative to scale."""
+def assert_close_scaled(actual, expected, scale, tol, what, atol=0.0):
+    """|actual - expected| <= tol * scale + atol elementwise (scale broadcastable), after
+    printing the worst and mean error relative to scale. atol covers values rounded into a
+    storage type's subnormal range, where spacing is absolute."""
     actual = actual.double()
     expected = expected.double()
     scale = torch.as_tensor(scale, dtype=torch.float64, device=expected.device)
-    err = (actual - expected).abs() / scale.clamp_min(1e-300)
+    err = ((actual - expected).abs() - atol).clamp_min(0) / scale.clamp_min(1e-300)
     print(f"{what}: max rel err {err.max().item():.3e}, mean {err.mean().item():.3e} (tol {tol:.1e})")
     assert torch.isfinite(actual).all() == torch.isfinite(expected).all(), f"{what}: finiteness differs"
     bad = err > tol

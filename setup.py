@@ -3,7 +3,8 @@
     pip install --no-build-isolation .
 
 The CUDA kernels are compiled when this torch is a CUDA build and nvcc is found; otherwise, or
-with GRADSTATS_CPU_ONLY=1, the extension is CPU-only. TORCH_CUDA_ARCH_LIST picks GPU
+with GRADSTATS_CPU_ONLY=1, the extension is CPU-only. GRADSTATS_SANITIZE=1 builds the CPU code
+with AddressSanitizer and UBSan (see scripts/sanitize.sh). TORCH_CUDA_ARCH_LIST picks GPU
 architectures; with no GPU visible the default is a short list (8.0, 9.0 + PTX), not every one.
 """
 
@@ -58,8 +59,8 @@ def _cuda_home_from_nvcc() -> str | None:
 
 
 def _want_cuda() -> bool:
-    if _truthy("GRADSTATS_CPU_ONLY"):
-        print("gradstats: GRADSTATS_CPU_ONLY is set, building the CPU kernels only")
+    if _truthy("GRADSTATS_CPU_ONLY") or _truthy("GRADSTATS_SANITIZE"):
+        print("gradstats: building the CPU kernels only (GRADSTATS_CPU_ONLY or GRADSTATS_SANITIZE)")
         return False
     if torch.version.cuda is None:
         print("gradstats: this torch is not a CUDA build, building the CPU kernels only")
@@ -90,6 +91,11 @@ def _extensions():
     # -Wno-psabi: 64-byte vector types in always-inlined kernel helpers (csrc/cpu/vec.h).
     cxx = ["-O3", "-Wno-psabi"]
     link = []
+    if _truthy("GRADSTATS_SANITIZE"):
+        # AddressSanitizer + UndefinedBehaviorSanitizer build of the CPU code (scripts/sanitize.sh).
+        cxx = ["-O1", "-g", "-fno-omit-frame-pointer", "-Wno-psabi", "-fsanitize=address,undefined",
+               "-fno-sanitize-recover=undefined"]
+        link = ["-fsanitize=address,undefined"]
     if sys.platform.startswith("linux"):
         cxx.append("-fopenmp")
         link.append("-fopenmp")

@@ -30,6 +30,9 @@ settings.register_profile("ci", max_examples=2000, deadline=None, derandomize=Tr
                           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 settings.register_profile("thorough", max_examples=50000, deadline=None,
                           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+# under AddressSanitizer (scripts/sanitize.sh), where everything runs a few times slower
+settings.register_profile("sanitize", max_examples=300, deadline=None, derandomize=True,
+                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]

@@ -63,7 +63,11 @@ def check_against_reference(out, dy, x, weight, mean, invstd, training, grad_inp
         T = terms.mean(dims) if which == 1 else torch.zeros_like(ref_var)
         assert_close_scaled(stats[which, 1], ref_mean, terms.mean(dims), tol, f"mean({name})")
         var_scale = ref_var + 2 * ref_var.sqrt() * T + tol * T**2
-        assert_close_scaled(stats[which, 2] / m, ref_var, var_scale, tol, f"var({name})")
+        # The float64 reference rounds its own mean: a variance of exactly 0 comes out as
+        # ~(ulp of the mean)^2, which no relative tolerance covers.
+        reference_rounding = 16 * (torch.finfo(torch.float64).eps * terms.mean(dims)) ** 2
+        assert_close_scaled(stats[which, 2] / m, ref_var, var_scale, tol, f"var({name})",
+                            atol=reference_rounding.max().item())
 
 
 @pytest.mark.parametrize("device", DEVICES)

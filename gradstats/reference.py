@@ -61,17 +61,24 @@ def channel_moments(values: Tensor) -> Tensor:
     """[4, C] float64 (count, mean, M2, nonfinite) of each channel of an (N, C, H, W) tensor:
     count, mean and M2 of its finite values, and how many are NaN or infinite.
 
-    Two-pass (mean first, then squared deviations from it) in float64: the textbook-exact way.
+    Two-pass (mean first, then squared deviations from it) in float64, on values shifted by one
+    of them (each channel's first finite value), so that the rounding of a large mean does not
+    leak into the variance: identical values give exactly 0.
     """
     v = values.double()
     finite = torch.isfinite(v)
     count = finite.sum(_REDUCE_DIMS).double()
     clean = torch.where(finite, v, torch.zeros_like(v))
-    mean = clean.sum(_REDUCE_DIMS) / count.clamp_min(1)
-    deviation = torch.where(finite, v - _per_channel(mean), torch.zeros_like(v))
+    # The first finite value of each channel, in (N, H, W) order (0 when there is none).
+    flat = clean.transpose(0, 1).reshape(v.shape[1], -1)
+    first = finite.transpose(0, 1).reshape(v.shape[1], -1).to(torch.int8).argmax(dim=1)
+    shift = flat.gather(1, first[:, None]).squeeze(1)
+    shifted = torch.where(finite, v - _per_channel(shift), torch.zeros_like(v))
+    mean_shifted = shifted.sum(_REDUCE_DIMS) / count.clamp_min(1)
+    deviation = torch.where(finite, shifted - _per_channel(mean_shifted), torch.zeros_like(v))
     m2 = (deviation**2).sum(_REDUCE_DIMS)
     nonfinite = (~finite).sum(_REDUCE_DIMS).double()
-    return torch.stack([count, mean, m2, nonfinite])
+    return torch.stack([count, shift + mean_shifted, m2, nonfinite])
 
 
 def bn_backward_stats_reference(

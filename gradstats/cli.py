@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import analysis, demo
+from . import analysis, demo, train
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -20,6 +20,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("analyze", help="gradient variance per residual block for BN/skip ablations (arXiv 1812.00342)")
     analysis.add_arguments(p)
     p.set_defaults(run=analysis.main)
+    p = commands.add_parser("train", help="train a ResNet, logging gradient statistics; checkpoints, resume, torchrun")
+    train.add_arguments(p)
+    p.set_defaults(run=train.main)
     return parser
 
 

@@ -1,0 +1,409 @@
+"""One training run of `gradstats train` (the command line is gradstats.train): SGD on an
+instrumented ResNet that records per-BN-layer and per-block gradient statistics every K steps,
+evaluates each epoch, checkpoints, resumes exactly, and runs under torchrun with
+DistributedDataParallel (docs/train.md).
+
+Reproducibility: the data order of each epoch is a function of (seed, epoch) and the
+augmentation of (seed, step), drawn for the global batch, of which rank r takes the r-th slice;
+so a step's global batch depends neither on the number of processes nor on where a run was
+resumed. The checkpoint holds everything else that changes (gradstats.checkpoint).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import zlib
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from . import distributed, logs
+from .checkpoint import save_checkpoint
+from .data import load_dataset
+from .models import VARIANTS, cifar_resnet_variant
+from .nn import batchnorms, instrument, probes
+from .syncbn import convert_sync_batchnorm
+
+CHECKPOINT = "checkpoint.pt"
+TORCHVISION_MODELS = ("resnet18", "resnet34", "resnet50")
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+@dataclass
+class TrainConfig:
+    out: str = "runs/train"
+    data: str = "builtin"
+    model: str = "cifar_resnet"
+    depth: int = 20
+    width: int = 1
+    preact: bool = False
+    variant: str = "bn_skip"
+    epochs: int = 10
+    steps: int = 0                 # total steps (the schedule's length); 0: epochs x steps per epoch
+    batch_size: int = 128          # global: split over the processes
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    schedule: str = "cosine"
+    milestones: list[float] = field(default_factory=lambda: [0.5, 0.75])  # "step": fractions of the run
+    gamma: float = 0.1
+    augment: bool = False
+    sync_bn: bool = False
+    dtype: str = "float32"
+    seed: int = 0
+    log_every: int = 50
+    checkpoint_every: int = 0      # steps; 0: at the end of each epoch
+    stop_at: int = 0               # stop (with a checkpoint) after this step; 0: run to the end
+    device: str = "auto"
+    progress: bool = True
+    tensorboard: bool = True
+    eval_batch_size: int = 500
+
+    def validate(self) -> None:
+        if self.model != "cifar_resnet" and self.model not in TORCHVISION_MODELS:
+            raise ValueError(f"--model {self.model!r}: choose cifar_resnet or {', '.join(TORCHVISION_MODELS)}")
+        if self.variant not in VARIANTS:
+            raise ValueError(f"--variant {self.variant!r}: choose from {', '.join(VARIANTS)}")
+        if self.schedule not in ("cosine", "step"):
+            raise ValueError(f"--schedule {self.schedule!r}: choose cosine or step")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"--dtype {self.dtype!r}: choose from {', '.join(DTYPES)}")
+        for name in ("epochs", "batch_size", "log_every", "eval_batch_size", "width"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        for name in ("steps", "checkpoint_every", "stop_at", "lr", "momentum", "weight_decay", "gamma"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        if not all(0 < m < 1 for m in self.milestones):
+            raise ValueError(f"--milestones must be fractions of the run in (0, 1), got {self.milestones}")
+
+
+def _seed(*parts) -> int:
+    """A seed per (run seed, purpose, index), the same in every process (unlike hash())."""
+    return zlib.crc32("/".join(map(str, parts)).encode())
+
+
+def build_model(config: TrainConfig, num_classes: int) -> nn.Module:
+    """The instrumented model: every BN layer records dy/dx statistics, every residual block's
+    output a probe. --sync-bn converts the BN layers to GradStatSyncBatchNorm2d first."""
+    if config.model == "cifar_resnet":
+        model = cifar_resnet_variant(config.variant, config.depth, num_classes=num_classes,
+                                     width=config.width, preact=config.preact)
+    else:
+        try:
+            import torchvision
+        except Exception as error:  # a torchvision built for another torch raises RuntimeError
+            raise ValueError(f"--model {config.model} needs torchvision, which does not import here "
+                             f"({type(error).__name__}: {error})") from error
+        model = getattr(torchvision.models, config.model)(num_classes=num_classes)
+        # The usual CIFAR stem: 32x32 inputs keep their resolution into the first stage.
+        model.conv1 = nn.Conv2d(3, model.conv1.out_channels, 3, 1, 1, bias=False)
+        model.maxpool = nn.Identity()
+    if config.sync_bn:
+        convert_sync_batchnorm(model)
+    return instrument(model)
+
+
+def build_schedule(optimizer: torch.optim.Optimizer, config: TrainConfig, total_steps: int):
+    """Per-step learning-rate schedule over the whole run: cosine to 0, or steps of --gamma at
+    the --milestones fractions."""
+    if config.schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
+    milestones = sorted({max(1, round(f * total_steps)) for f in config.milestones})
+    return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones, gamma=config.gamma)
+
+
+def augment(images: Tensor, shifts: Tensor, flips: Tensor) -> Tensor:
+    """Random crop (4-pixel zero padding, offsets ``shifts`` [2, N] in 0..8) and horizontal flip
+    (``flips`` [N] bool), per image, as one gather."""
+    n, c, h, w = images.shape
+    padded = F.pad(images, (4, 4, 4, 4))
+    rows = shifts[0, :, None] + torch.arange(h, device=images.device)
+    cols = shifts[1, :, None] + torch.arange(w, device=images.device)
+    cols = torch.where(flips[:, None], cols.flip(1), cols)
+    index_n = torch.arange(n, device=images.device)[:, None, None, None]
+    index_c = torch.arange(c, device=images.device)[None, :, None, None]
+    return padded[index_n, index_c, rows[:, None, :, None], cols[:, None, None, :]]
+
+
+class Trainer:
+    """One run: data, model, optimizer and schedule, the step loop, logging, evaluation and
+    checkpoints. Only rank 0 writes files or prints."""
+
+    def __init__(self, config: TrainConfig, ctx: distributed.DistContext, resume: dict | None = None,
+                 log=print) -> None:
+        self.config, self.ctx = config, ctx
+        self.log = log if ctx.is_main else (lambda *a, **k: None)
+        self.device, self.dtype = ctx.device, DTYPES[config.dtype]
+        data = load_dataset(config.data, seed=config.seed)
+        self.data_description = data.describe()
+        self.global_batch = config.batch_size
+        if self.global_batch % ctx.world_size:
+            raise ValueError(f"--batch-size {self.global_batch} (the global batch) must be divisible by "
+                             f"the number of processes, {ctx.world_size}")
+        self.local_batch = self.global_batch // ctx.world_size
+        n_train = len(data.train_labels)
+        self.steps_per_epoch = n_train // self.global_batch
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"--batch-size {self.global_batch} is larger than the {n_train} training images")
+        self.total_steps = config.steps or config.epochs * self.steps_per_epoch
+        self.train_images = data.train_images.to(self.device, self.dtype)
+        self.train_labels = data.train_labels.to(self.device)
+        self.test_images = data.test_images.to(self.device, self.dtype)
+        self.test_labels = data.test_labels.to(self.device)
+
+        torch.manual_seed(config.seed)
+        self.model = build_model(config, data.num_classes).to(self.device, self.dtype)
+        self.recorders = [(name, m) for name, m in batchnorms(self.model)] + \
+                         [(name.removesuffix(".grad_probe"), m) for name, m in probes(self.model)]
+        self.n_bn = len(batchnorms(self.model))
+        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=config.lr, momentum=config.momentum,
+                                         weight_decay=config.weight_decay)
+        self.schedule = build_schedule(self.optimizer, config, self.total_steps)
+        # Loss sum, correct predictions and samples since the last record, kept on the device.
+        self.window = torch.zeros(3, dtype=torch.float64, device=self.device)
+        self.step = 0
+        self.history: dict[str, Any] = {"eval": [], "elapsed_s": 0.0}
+        if resume is not None:
+            self._restore(resume)
+        self.net = distributed.wrap_ddp(self.model, ctx)
+        self.augment_generator = torch.Generator(self.device)
+        self.order: Tensor | None = None
+        self.stats_path = os.path.join(config.out, logs.STATS_FILE)
+
+    # -- checkpoints -------------------------------------------------------------------------------
+    def _state(self) -> dict[str, Any]:
+        cuda = [s for s in torch.cuda.get_rng_state_all()] if torch.cuda.is_initialized() else []
+        return {
+            "format": "gradstats-train", "step": self.step, "config": asdict(self.config),
+            "world_size": self.ctx.world_size, "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(), "scheduler": self.schedule.state_dict(),
+            "window": self.window.cpu(), "history": self.history,
+            "rng": {"torch": torch.get_rng_state(), "cuda": cuda},
+        }
+
+    def _restore(self, state: dict[str, Any]) -> None:
+        try:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.schedule.load_state_dict(state["scheduler"])
+        except (RuntimeError, ValueError, KeyError) as error:
+            raise ValueError(f"--resume: the checkpoint does not fit this model and optimizer ({error})") from error
+        self.window.copy_(state["window"])
+        self.step = int(state["step"])
+        self.history = state["history"]
+        torch.set_rng_state(state["rng"]["torch"])
+        for index, rng in enumerate(state["rng"]["cuda"][: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(rng, index)
+        if not self.ctx.is_main:  # rank 0's state holds every rank's statistics (consolidate)
+            for _, m in self.recorders:
+                m.reset_grad_stats()
+            self.window.zero_()
+        saved_world = int(state["world_size"])
+        distributed.resume_units([m for _, m in self.recorders], saved_world, self.ctx)
+        if saved_world != self.ctx.world_size and not self.config.sync_bn:
+            self.log(f"note: the checkpoint was written by {saved_world} process(es), this run has "
+                     f"{self.ctx.world_size}: each BatchNorm layer now normalises over "
+                     f"{self.local_batch} samples instead of {self.global_batch // saved_world} "
+                     f"(--sync-bn normalises over the global batch whatever the number)")
+
+    def checkpoint(self) -> None:
+        distributed.consolidate([m for _, m in self.recorders], self.window, self.ctx)
+        if self.ctx.is_main:
+            started = time.perf_counter()
+            self.history["elapsed_s"] = self.elapsed()
+            save_checkpoint(self._state(), os.path.join(self.config.out, CHECKPOINT))
+            self.paused += time.perf_counter() - started
+
+    def elapsed(self) -> float:
+        return self.elapsed_before + time.perf_counter() - self.started
+
+    # -- steps -------------------------------------------------------------------------------------
+    def batch(self, step: int) -> tuple[Tensor, Tensor]:
+        epoch, position = divmod(step, self.steps_per_epoch)
+        if self.order is None or position == 0:
+            generator = torch.Generator().manual_seed(_seed(self.config.seed, "order", epoch))
+            self.order = torch.randperm(len(self.train_labels), generator=generator).to(self.device)
+        lo = position * self.global_batch + self.ctx.rank * self.local_batch
+        index = self.order[lo:lo + self.local_batch]
+        images, labels = self.train_images[index], self.train_labels[index]
+        if self.config.augment:
+            g = self.augment_generator.manual_seed(_seed(self.config.seed, "augment", step))
+            mine = slice(self.ctx.rank * self.local_batch, (self.ctx.rank + 1) * self.local_batch)
+            shifts = torch.randint(0, 9, (2, self.global_batch), generator=g, device=self.device)[:, mine]
+            flips = (torch.rand(self.global_batch, generator=g, device=self.device) < 0.5)[mine]
+            images = augment(images, shifts, flips)
+        return images, labels
+
+    def train_step(self, step: int) -> None:
+        images, labels = self.batch(step)
+        logits = self.net(images)
+        loss = F.cross_entropy(logits, labels)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.lr = self.optimizer.param_groups[0]["lr"]
+        self.optimizer.step()
+        self.schedule.step()
+        with torch.no_grad():  # on the device: no host synchronisation
+            self.window[0] += loss.detach() * len(labels)
+            self.window[1] += (logits.argmax(1) == labels).sum()
+            self.window[2] += len(labels)
+
+    def record(self) -> dict[str, Any] | None:
+        """Merged statistics of the interval since the last record (all ranks, one collective),
+        then reset; rank 0 writes the record and returns it."""
+        merged, totals = distributed.gather_stats([m for _, m in self.recorders], self.window, self.ctx)
+        for _, m in self.recorders:
+            m.reset_grad_stats()
+        self.window.zero_()
+        if not self.ctx.is_main:
+            return None
+        loss_sum, correct, samples = totals.tolist()
+        now = time.perf_counter()
+        seconds = max(now - self.mark - self.paused, 1e-9)
+        self.mark, self.paused = now, 0.0
+        layers = [logs.layer_record(name, m) for (name, _), m in zip(self.recorders, merged)]
+        record = {
+            "step": self.step, "epoch": (self.step - 1) // self.steps_per_epoch, "lr": self.lr,
+            "train_loss": loss_sum / samples if samples else None,
+            "train_acc": correct / samples if samples else None,
+            "samples": int(samples), "images_per_s": samples / seconds, "elapsed_s": self.elapsed(),
+            "bn_layers": layers[:self.n_bn], "blocks": layers[self.n_bn:],
+        }
+        self.stats.write(record)
+        self.bar.update(self.step - self.bar.n)
+        self.bar.set_postfix(loss=f"{record['train_loss']:.4f}", acc=f"{record['train_acc']:.3f}",
+                             img_s=f"{record['images_per_s']:.0f}", refresh=True)
+        return record
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, Any]:
+        """Test loss and accuracy of rank 0's model (the one checkpoints save), in eval mode."""
+        started = time.perf_counter()
+        self.model.eval()
+        sums = torch.zeros(2, dtype=torch.float64, device=self.device)
+        size = self.config.eval_batch_size
+        for lo in range(0, len(self.test_labels), size):
+            logits = self.model(self.test_images[lo:lo + size])
+            labels = self.test_labels[lo:lo + size]
+            sums[0] += F.cross_entropy(logits, labels, reduction="sum")
+            sums[1] += (logits.argmax(1) == labels).sum()
+        self.model.train()
+        loss, correct = sums.tolist()
+        n = max(len(self.test_labels), 1)
+        result = {"step": self.step, "epoch": self.step / self.steps_per_epoch,
+                  "test_loss": loss / n, "test_acc": correct / n}
+        self.history["eval"].append(result)
+        self.stats.scalar("eval/test_loss", result["test_loss"], self.step)
+        self.stats.scalar("eval/test_acc", result["test_acc"], self.step)
+        self.bar.write(f"step {self.step} (epoch {result['epoch']:.2f}): test loss {result['test_loss']:.4f}, "
+                       f"accuracy {result['test_acc']:.4f}")
+        self.paused += time.perf_counter() - started
+        return result
+
+    # -- the run -----------------------------------------------------------------------------------
+    def run(self) -> dict[str, Any] | None:
+        from tqdm import tqdm
+
+        config, main = self.config, self.ctx.is_main
+        stop = min(config.stop_at or self.total_steps, self.total_steps)
+        self.log(f"data: {self.data_description}")
+        self.log(f"model: {config.model}" + (f"-{config.depth} ({config.variant})" if config.model == "cifar_resnet" else "")
+                 + f", {sum(p.numel() for p in self.model.parameters())} parameters, {self.n_bn} BN layers, "
+                 f"{len(self.recorders) - self.n_bn} blocks; {self.ctx.world_size} process(es) on {self.device}, "
+                 f"global batch {self.global_batch}, {self.steps_per_epoch} steps per epoch")
+        if self.step >= stop:
+            self.log(f"nothing to do: the run is at step {self.step} of {self.total_steps} (--stop-at {config.stop_at})")
+            return None
+        self.stats = logs.StatsLog(config.out, config.tensorboard) if main else _NoLog()
+        self.bar = tqdm(total=self.total_steps, initial=self.step, desc="train", unit="step",
+                        disable=not (main and config.progress), dynamic_ncols=True)
+        self.elapsed_before = self.history["elapsed_s"]
+        self.started = self.mark = time.perf_counter()
+        self.paused = 0.0
+        try:
+            for step in range(self.step, stop):
+                self.train_step(step)
+                self.step = done = step + 1
+                end = done == self.total_steps
+                if done % config.log_every == 0 or end:
+                    self.record()
+                if main and (done % self.steps_per_epoch == 0 or end):
+                    self.evaluate()
+                every = config.checkpoint_every or self.steps_per_epoch
+                if done % every == 0 or end or done == stop:
+                    self.checkpoint()
+        finally:
+            self.bar.close()
+            self.stats.close()
+        if not main or self.step < self.total_steps:
+            if self.step < self.total_steps:
+                self.log(f"stopped at step {self.step} of {self.total_steps}; continue with --resume")
+            return None
+        return self.finish()
+
+    def finish(self) -> dict[str, Any]:
+        """OUT/summary.json and the plots, from the whole run's records."""
+        records = logs.read_records(self.stats_path)
+        plots = logs.plot_block_variance(records, self.config.out)
+        last_eval = self.history["eval"][-1] if self.history["eval"] else {}
+        elapsed = self.elapsed()
+        summary = {
+            "config": asdict(self.config), "data": self.data_description,
+            "world_size": self.ctx.world_size, "device": str(self.device),
+            "parameters": sum(p.numel() for p in self.model.parameters()),
+            "bn_layers": [name for name, _ in self.recorders[:self.n_bn]],
+            "blocks": [name for name, _ in self.recorders[self.n_bn:]],
+            "steps": self.step, "steps_per_epoch": self.steps_per_epoch,
+            "epochs": self.step / self.steps_per_epoch, "elapsed_s": elapsed,
+            "images_per_s": self.step * self.global_batch / elapsed if elapsed > 0 else None,
+            "final_train_loss": records[-1]["train_loss"] if records else None,
+            "final_train_acc": records[-1]["train_acc"] if records else None,
+            "final_test_loss": last_eval.get("test_loss"), "final_test_acc": last_eval.get("test_acc"),
+            "eval": self.history["eval"], "records": len(records),
+            "block_grad_var_first": _block_var(records[0]) if records else None,
+            "block_grad_var_last": _block_var(records[-1]) if records else None,
+            "plots": [os.path.basename(p) for p in plots],
+        }
+        path = os.path.join(self.config.out, "summary.json")
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(logs.finite(summary), f, indent=1, allow_nan=False)
+        self.log(f"wrote {path}" + "".join(f", {p}" for p in plots))
+        return summary
+
+
+def _block_var(record: dict[str, Any]) -> dict[str, Any]:
+    return {"step": record["step"], "grad_var": [b.get("grad_var") for b in record["blocks"]]}
+
+
+class _NoLog:
+    """What ranks other than 0 log to: nothing."""
+
+    def write(self, record):
+        pass
+
+    def scalar(self, tag, value, step):
+        pass
+
+    def close(self):
+        pass
+
+
+def train(config: TrainConfig, resume: dict | None = None, log=print) -> dict[str, Any] | None:
+    """Runs training in this process (one of torchrun's, or alone); the summary on rank 0 at
+    the end of the run, else None."""
+    ctx = distributed.setup(config.device)
+    try:
+        trainer = Trainer(config, ctx, resume, log)
+        if ctx.is_main:
+            os.makedirs(config.out, exist_ok=True)
+            if resume is None:
+                open(trainer.stats_path, "w").close()
+            else:
+                logs.truncate_records(trainer.stats_path, trainer.step)
+        return trainer.run()
+    finally:
+        distributed.teardown(ctx)

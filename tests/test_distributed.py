@@ -1,0 +1,229 @@
+"""Distributed training with gradient statistics, with two gloo processes on CPU spawned from
+pytest: the statistics merged from 2 ranks x batch B equal those of one process on the global
+batch of 2B, DDP's gradients equal that process's, DDP must not broadcast the statistics
+buffers, and GradStatSyncBatchNorm2d gives the gradients of batch norm over the global batch.
+
+One process "on the global batch" means: with per-rank BatchNorm, the process normalises each
+rank's B samples separately, as DDP does (gradient accumulation over the two halves, each loss
+halved); with GradStatSyncBatchNorm2d, it is a plain model on all 2B samples. float64 throughout,
+so agreement is to 1e-10 relative."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+
+import gradstats
+from gradstats import distributed
+from gradstats.checkpoint import load_checkpoint
+from gradstats.cli import main as cli_main
+from gradstats.models import cifar_resnet
+from gradstats.stats import GradStats
+from gradstats.syncbn import GradStatSyncBatchNorm2d, convert_sync_batchnorm
+
+from conftest import assert_close_scaled
+
+WORLD = 2
+LOCAL_BATCH = 4
+STEPS = 3
+TOL = 1e-10
+
+pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
+                                reason="needs torch.distributed with gloo")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models: one thread is as fast, and far faster when other work shares the cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _model(sync: bool) -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = cifar_resnet(8, num_classes=5)
+    if sync:
+        convert_sync_batchnorm(model)
+    return gradstats.instrument(model).double()
+
+
+def _batches():
+    """STEPS global batches of WORLD * LOCAL_BATCH 3x12x12 images, the same in every process."""
+    g = torch.Generator().manual_seed(1)
+    n = WORLD * LOCAL_BATCH
+    return [(torch.randn(n, 3, 12, 12, generator=g, dtype=torch.float64) + 0.3,
+             torch.randint(0, 5, (n,), generator=g)) for _ in range(STEPS)]
+
+
+def _recorders(model):
+    return [m for _, m in gradstats.batchnorms(model)] + [m for _, m in gradstats.probes(model)]
+
+
+def _train(net, model, parts):
+    """STEPS SGD steps; ``parts(x, y)`` yields (images, labels, loss scale) for this process.
+    Returns each step's parameter gradients."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    grads = []
+    for x, y in _batches():
+        optimizer.zero_grad(set_to_none=True)
+        for images, labels, scale in parts(x, y):
+            (F.cross_entropy(net(images), labels) * scale).backward()
+        grads.append({name: p.grad.clone() for name, p in model.named_parameters()})
+        optimizer.step()
+    return grads
+
+
+def _worker(rank: int, store: str, out: str, sync: bool) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
+    try:
+        ctx = distributed.setup("cpu")
+        assert (ctx.rank, ctx.world_size) == (rank, WORLD)
+        mine = slice(rank * LOCAL_BATCH, (rank + 1) * LOCAL_BATCH)
+        result = {}
+        for ignore in (True, False) if not sync else (True,):
+            model = _model(sync)
+            net = distributed.wrap_ddp(model, ctx) if ignore else DistributedDataParallel(model)
+            grads = _train(net, model, lambda x, y: [(x[mine], y[mine], 1.0)])
+            modules = _recorders(model)
+            window = torch.zeros(2, dtype=torch.float64)
+            merged, _ = distributed.gather_stats(modules, window, ctx)
+            result[f"ignore={ignore}"] = {"grads": grads, "merged": merged}
+            if ignore:  # a checkpoint's consolidation must not change what is merged later
+                window += torch.tensor([1.0, rank + 1.0], dtype=torch.float64)
+                distributed.consolidate(modules, window, ctx)
+                result["window"] = window.clone()
+                result["after_consolidate"] = distributed.gather_stats(modules, window, ctx)[0]
+        torch.save(result, os.path.join(out, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def _spawn(tmp_path, sync: bool) -> list[dict]:
+    mp.spawn(_worker, args=(str(tmp_path / "store"), str(tmp_path), sync), nprocs=WORLD)
+    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+
+
+def _assert_grads(actual, expected, what):
+    for step, (a, e) in enumerate(zip(actual, expected)):
+        for name in e:
+            assert_close_scaled(a[name], e[name], e[name].abs().max(), TOL, f"{what} step {step} {name}")
+
+
+def _assert_stats(actual, expected, what):
+    a, e = GradStats.from_slot(actual), GradStats.from_slot(expected)
+    assert a is not None and e is not None, what
+    for kind in ("grad_output", "grad_input"):
+        ca, ce = getattr(a, kind), getattr(e, kind)
+        assert torch.equal(ca.count, ce.count), f"{what} {kind} count"
+        assert_close_scaled(ca.mean, ce.mean, ce.std + ce.mean.abs(), TOL, f"{what} {kind} mean")
+        assert_close_scaled(ca.var, ce.var, ce.var, TOL, f"{what} {kind} var")
+
+
+def _stats_differ(actual, expected) -> bool:
+    a, e = GradStats.from_slot(actual), GradStats.from_slot(expected)
+    return not torch.allclose(a.grad_output.var, e.grad_output.var, rtol=1e-6, atol=0)
+
+
+def test_two_ranks_equal_one_process_per_rank_batchnorm(tmp_path):
+    results = _spawn(tmp_path, sync=False)
+    # One process: the two halves normalised separately, each loss halved (DDP's average).
+    model = _model(sync=False)
+    halves = lambda x, y: [(x[r * LOCAL_BATCH:(r + 1) * LOCAL_BATCH], y[r * LOCAL_BATCH:(r + 1) * LOCAL_BATCH],
+                            1.0 / WORLD) for r in range(WORLD)]  # noqa: E731
+    grads = _train(model, model, halves)
+    expected = [m.grad_stats_state[gradstats.stats.SLOT_ACCUMULATED] for m in _recorders(model)]
+    names = [n for n, _ in gradstats.batchnorms(model)] + [n for n, _ in gradstats.probes(model)]
+    for rank, result in enumerate(results):
+        ok = result["ignore=True"]
+        _assert_grads(ok["grads"], grads, f"rank {rank} DDP gradients")
+        for name, a, e in zip(names, ok["merged"], expected):
+            _assert_stats(a, e, f"rank {rank} {name}")
+        for name, a, e in zip(names, result["after_consolidate"], expected):
+            _assert_stats(a, e, f"rank {rank} {name} after consolidate")
+        # consolidate sums the extras into rank 0: (1 + 1) and (1 + 2)
+        assert result["window"].tolist() == ([2.0, 3.0] if rank == 0 else [0.0, 0.0])
+        # Without excluding the statistics buffers, DDP overwrites rank 1's with rank 0's at
+        # every forward: the merged statistics are wrong (the gradients are not).
+        bad = result["ignore=False"]
+        _assert_grads(bad["grads"], grads, f"rank {rank} DDP gradients, buffers broadcast")
+        assert any(_stats_differ(a, e) for a, e in zip(bad["merged"], expected))
+
+
+def test_two_ranks_sync_batchnorm_equal_one_process_on_global_batch(tmp_path):
+    results = _spawn(tmp_path, sync=True)
+    model = _model(sync=False)  # plain GradStatBatchNorm2d on all 2B samples
+    grads = _train(model, model, lambda x, y: [(x, y, 1.0)])
+    expected = [m.grad_stats_state[gradstats.stats.SLOT_ACCUMULATED] for m in _recorders(model)]
+    names = [n for n, _ in gradstats.batchnorms(model)] + [n for n, _ in gradstats.probes(model)]
+    for rank, result in enumerate(results):
+        ok = result["ignore=True"]
+        _assert_grads(ok["grads"], grads, f"rank {rank} SyncBN DDP gradients")
+        for name, a, e in zip(names, ok["merged"], expected):
+            _assert_stats(a, e, f"rank {rank} {name}")
+
+
+def test_sync_batchnorm_without_process_group_is_gradstat_batchnorm():
+    torch.manual_seed(0)
+    plain = gradstats.GradStatBatchNorm2d(6)
+    sync = convert_sync_batchnorm(torch.nn.Sequential(gradstats.GradStatBatchNorm2d(6)))[0]
+    assert type(sync) is GradStatSyncBatchNorm2d
+    sync.load_state_dict(plain.state_dict())
+    x = torch.randn(4, 6, 3, 3, requires_grad=True)
+    for layer in (plain, sync):
+        layer(x).pow(2).sum().backward()
+    assert torch.equal(plain.grad_stats_state, sync.grad_stats_state)
+    assert torch.equal(plain.running_var, sync.running_var)
+
+
+def _records(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_torchrun_cli_sync_bn_matches_one_process(tmp_path):
+    """`torchrun --nproc_per_node=2 -m gradstats train --sync-bn` logs what one process logs, also
+    when it stops mid-interval and one process resumes it (its checkpoint holds both ranks'
+    statistics, which the resumed run converts to its own units)."""
+    options = ["--depth", "8", "--batch-size", "32", "--steps", "4", "--log-every", "2", "--sync-bn",
+               "--dtype", "float64", "--no-progress", "--no-tensorboard", "--device", "cpu"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert cli_main(["train", "--out", str(one), *options]) == 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           "-m", "gradstats", "train", "--out", str(two), "--stop-at", "3", *options],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert sorted(os.listdir(two)) == ["checkpoint.pt", "stats.jsonl"]  # rank 0 wrote, nothing else
+    assert load_checkpoint(str(two / "checkpoint.pt"))["world_size"] == 2
+    assert cli_main(["train", "--out", str(two), "--resume", "--no-progress"]) == 0
+    a, b = _records(two / "stats.jsonl"), _records(one / "stats.jsonl")
+    assert [r["step"] for r in a] == [r["step"] for r in b] == [2, 4]
+    for ra, rb in zip(a, b):  # step 2: two processes; step 4: steps 3 (two) and 4 (one)
+        assert ra["samples"] == rb["samples"] == 64
+        assert ra["train_loss"] == pytest.approx(rb["train_loss"], rel=TOL)
+        for kind in ("bn_layers", "blocks"):
+            assert [x["name"] for x in ra[kind]] == [x["name"] for x in rb[kind]]
+            for xa, xb in zip(ra[kind], rb[kind]):
+                assert xa["count"] == xb["count"]
+                for key, value in xb.items():
+                    if key.endswith(("_var", "_var_min", "_var_max")):
+                        assert xa[key] == pytest.approx(value, rel=TOL), (ra["step"], xb["name"], key)
+                    elif key.endswith("_mean"):  # means are ~0: relative to the spread
+                        spread = xb[key.replace("_mean", "_var")] ** 0.5
+                        assert abs(xa[key] - value) <= TOL * spread, (ra["step"], xb["name"], key)
+    wa, wb = load_checkpoint(str(two / "checkpoint.pt")), load_checkpoint(str(one / "checkpoint.pt"))
+    for name, value in wb["model"].items():
+        if value.is_floating_point() and not name.endswith("grad_stats_state"):
+            assert_close_scaled(wa["model"][name], value, value.abs().max().clamp_min(1e-30), TOL, name)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import analysis, demo, train
+from . import analysis, bench, demo, train
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -17,6 +17,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("demo", help="one training step of an instrumented ResNet, per-layer gradient table")
     demo.add_arguments(p)
     p.set_defaults(run=demo.run)
+    p = commands.add_parser("bench", help="time the fused op against PyTorch's backward (and --e2e, a training step)")
+    bench.add_arguments(p)
+    p.set_defaults(run=bench.main)
     p = commands.add_parser("analyze", help="gradient variance per residual block for BN/skip ablations (arXiv 1812.00342)")
     analysis.add_arguments(p)
     p.set_defaults(run=analysis.main)

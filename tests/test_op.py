@@ -61,13 +61,15 @@ def check_against_reference(out, dy, x, weight, mean, invstd, training, grad_inp
         ref_mean = ref_stats[which, 1]
         ref_var = ref_stats[which, 2] / m
         T = terms.mean(dims) if which == 1 else torch.zeros_like(ref_var)
-        assert_close_scaled(stats[which, 1], ref_mean, terms.mean(dims), tol, f"mean({name})")
+        # dx values that land in the storage type's subnormal range round by an absolute step.
+        sub = subnormal_spacing(dtype) if which == 1 else 0.0
+        assert_close_scaled(stats[which, 1], ref_mean, terms.mean(dims), tol, f"mean({name})", atol=sub)
         var_scale = ref_var + 2 * ref_var.sqrt() * T + tol * T**2
         # The float64 reference rounds its own mean: a variance of exactly 0 comes out as
         # ~(ulp of the mean)^2, which no relative tolerance covers.
         reference_rounding = 16 * (torch.finfo(torch.float64).eps * terms.mean(dims)) ** 2
         assert_close_scaled(stats[which, 2] / m, ref_var, var_scale, tol, f"var({name})",
-                            atol=reference_rounding.max().item())
+                            atol=reference_rounding + 2 * ref_var.sqrt() * sub + sub**2)
 
 
 @pytest.mark.parametrize("device", DEVICES)

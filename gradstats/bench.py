@@ -323,7 +323,8 @@ def main(args: argparse.Namespace) -> int:
     if len(configs) > 4:
         from tqdm import tqdm
 
-        progress = tqdm(total=len(configs), desc="bench", leave=False, unit="config")
+        # disable=None: no bar when the output is not a terminal (logs stay clean)
+        progress = tqdm(total=len(configs), desc="bench", leave=False, unit="config", disable=None)
     for shape, channels_last in configs:
         row = bench_shape(shape, dtype, channels_last, device, args.repeats, copy_gbps=copy)
         rows.append(row)

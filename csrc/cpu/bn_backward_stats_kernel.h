@@ -45,11 +45,26 @@ namespace GS_CPU_ISA {
 // Values of one channel accumulated around one pivot before they are folded into double
 // moments: bounds the float rounding of each lane's sums (kChunk / lanes terms each).
 constexpr int64_t kChunk = 8192;
-// channels_last: rows per chunk, and of the first (pivot-from-data) chunk. Each lane is one
-// channel there, so a chunk's sums have this many terms; the fold that ends a chunk costs a few
-// double divisions per channel, so chunks must be long enough to amortise it.
+// A dx at least this large is written with streaming (non-temporal) stores: it cannot stay in
+// cache for the next layer anyway, and a streaming store saves reading each line before
+// writing it (a sixth of the memory traffic of the train-mode backward).
+constexpr int64_t kStreamBytes = int64_t(16) << 20;
+
+template <typename scalar_t>
+inline bool stream_output(const BnBackwardProblem& p) {
+  return p.grad_input != nullptr && static_cast<int64_t>(sizeof(scalar_t)) * p.N * p.C * p.HW >= kStreamBytes;
+}
+
+// Whether a vector store at p may stream (streaming stores need their own size of alignment).
+template <typename scalar_t, int L>
+inline bool stream_aligned(const scalar_t* p) {
+  return reinterpret_cast<uintptr_t>(p) % (sizeof(scalar_t) * L) == 0;
+}
+
+// channels_last: rows per chunk. Each lane is one channel there, so a chunk's sums have this many
+// terms; the fold that ends a chunk costs a few double divisions per channel, so chunks must be
+// long enough to amortise it.
 constexpr int64_t kRowsPerChunk = 1024;
-constexpr int64_t kFirstChunkRows = 64;
 // A task covers about this many values, so small channels are grouped and large ones split.
 constexpr int64_t kTaskValues = 1 << 16;
 // channels_last: channels per task. 256 (four strips, see nhwc_task) beat 64 (one strip, one
@@ -161,17 +176,23 @@ struct FiniteMoments {
 
 // Pivot of a new chunk: the mean of the chunks of this (part, channel) merged so far, once there
 // are some (then it sits within a fraction of a standard deviation of the channel mean), else
-// the chunk's first value. That first chunk is kept short (chunk_limit), so an unlucky first
-// value (an outlier) costs little accuracy.
-template <typename acc_t>
-inline acc_t chunk_pivot(const Moments<double>& so_far, acc_t first_value) {
-  return so_far.n > 0 ? static_cast<acc_t>(so_far.mean) : first_value;
-}
+// the mean of the chunk's first few finite values, value_at(0 .. available-1): close to the
+// channel mean without a pass of its own, and one outlier among them moves it by a fraction.
+constexpr int64_t kPivotSamples = 16;
 
-constexpr int64_t kFirstChunk = 256;
-
-inline int64_t chunk_limit(const Moments<double>& so_far, int64_t full) {
-  return so_far.n > 0 ? full : std::min(full, kFirstChunk);
+template <typename acc_t, typename ValueAt>
+inline acc_t chunk_pivot(const Moments<double>& so_far, int64_t available, ValueAt value_at) {
+  if (so_far.n > 0) return static_cast<acc_t>(so_far.mean);
+  double sum = 0;
+  int n = 0;
+  for (int64_t i = 0; i < std::min(available, kPivotSamples); ++i) {
+    const double v = value_at(i);
+    if (std::isfinite(v)) {
+      sum += v;
+      ++n;
+    }
+  }
+  return n > 0 ? static_cast<acc_t>(sum / n) : acc_t(0);
 }
 
 // dx of one element as update() computes and stores it (a chunk's pivot, or the re-read of a
@@ -249,6 +270,7 @@ void nchw_task(const BnBackwardProblem& p, const Coeffs<acc_type_t<scalar_t>>& c
   const acc_t mean = cf.mean[c], scale = cf.scale[c], mean_dy = cf.mean_dy[c], k = cf.k[c];
   const vec mean_v = vec{} + mean, scale_v = vec{} + scale, mean_dy_v = vec{} + mean_dy,
             k_v = vec{} + k;
+  const bool stream = kStore && stream_output<scalar_t>(p);
 
   // One iteration of the outer loop is one chunk: its sums are locals of the loop body, so they
   // stay in registers across the rows of the chunk.
@@ -256,25 +278,46 @@ void nchw_task(const BnBackwardProblem& p, const Coeffs<acc_type_t<scalar_t>>& c
   while (n < n_end) {
     const int64_t first = n * row_stride + i0;
     const int64_t chunk_n = n, chunk_i0 = i0;
-    const acc_t p_dy = chunk_pivot(out.dy, IO::load1(dy + first));
-    const acc_t p_dx =
-        chunk_pivot(out.dx, stored_grad_input<P>(dy[first], x[first], mean, scale, mean_dy, k));
+    const int64_t samples = HW - i0;  // the rest of the first row
+    const acc_t p_dy = chunk_pivot<acc_t>(out.dy, samples, [&](int64_t i) { return IO::load1(dy + first + i); });
+    const acc_t p_dx = chunk_pivot<acc_t>(out.dx, samples, [&](int64_t i) {
+      return stored_grad_input<P>(dy[first + i], x[first + i], mean, scale, mean_dy, k);
+    });
     const vec p_dy_v = vec{} + p_dy, p_dx_v = vec{} + p_dx;
-    const int64_t limit = chunk_limit(P == Pass::kGradInputTrain ? out.dx : out.dy, kChunk);
     ChunkSums<vec> lanes{};   // the vector body
     ChunkSums<acc_t> tail{};  // the remainder of segments whose length is not a multiple of L
     int64_t filled = 0;
-    while (filled < limit && n < n_end) {
-      const int64_t len = std::min(HW - i0, limit - filled);
+    while (filled < kChunk && n < n_end) {
+      const int64_t len = std::min(HW - i0, kChunk - filled);
       const int64_t at = n * row_stride + i0;
       const scalar_t* __restrict__ dy_r = dy + at;
       const scalar_t* __restrict__ x_r = x + at;
       scalar_t* __restrict__ dx_r = kStore ? dx + at : nullptr;
       int64_t i = 0;
+      if (stream) {
+        // Streaming stores need aligned vectors: the segment's first values up to the next
+        // aligned address go through the scalar path.
+        constexpr int64_t kAlign = sizeof(scalar_t) * L;
+        const int64_t misalign = static_cast<int64_t>(reinterpret_cast<uintptr_t>(dx_r) % kAlign);
+        const int64_t head = misalign == 0 || misalign % sizeof(scalar_t) != 0
+                                 ? 0 : std::min(len, (kAlign - misalign) / static_cast<int64_t>(sizeof(scalar_t)));
+        for (; i < head; ++i) {
+          const acc_t v = update<P, scalar_t>(IO::load1(dy_r + i), IO::load1(x_r + i), mean, scale,
+                                              mean_dy, k, p_dy, p_dx, tail);
+          IO::store1(dx_r + i, v);
+        }
+      }
+      const bool stream_here = stream && stream_aligned<scalar_t, L>(dx_r + i);
       for (; i + L <= len; i += L) {
         const vec v = update<P, scalar_t>(IO::load(dy_r + i), IO::load(x_r + i), mean_v, scale_v,
                                           mean_dy_v, k_v, p_dy_v, p_dx_v, lanes);
-        if constexpr (kStore) IO::store(dx_r + i, v);
+        if constexpr (kStore) {
+          if (stream_here) {
+            IO::store_stream(dx_r + i, v);
+          } else {
+            IO::store(dx_r + i, v);
+          }
+        }
       }
       for (; i < len; ++i) {
         const acc_t v = update<P, scalar_t>(IO::load1(dy_r + i), IO::load1(x_r + i), mean, scale,
@@ -312,6 +355,7 @@ void nchw_task(const BnBackwardProblem& p, const Coeffs<acc_type_t<scalar_t>>& c
     };
     flush_chunk<P>(out, filled, p_dy, p_dx, totals, recount);
   }
+  if (stream) stream_fence();
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -338,6 +382,7 @@ void nhwc_task(const BnBackwardProblem& p, const Coeffs<acc_type_t<scalar_t>>& c
   const acc_t* mean_dy = cf.mean_dy.data() + c_begin;
   const acc_t* k = cf.k.data() + c_begin;
 
+  const bool stream = kStore && stream_output<scalar_t>(p);
   // A chunk's sums per channel, [kNumSums][width], then its pivots, [2][width].
   std::vector<acc_t> buf((kNumSums + 2) * width);
   acc_t* sums[kNumSums];
@@ -346,14 +391,14 @@ void nhwc_task(const BnBackwardProblem& p, const Coeffs<acc_type_t<scalar_t>>& c
   acc_t* p_dx = p_dy + width;
 
   for (int64_t r0 = r_begin, r1 = r_begin; r0 < r_end; r0 = r1) {
-    // The first chunk of the task is short, as chunk_limit explains.
-    r1 = std::min(r_end, r0 + (r0 == r_begin ? kFirstChunkRows : kRowsPerChunk));
+    r1 = std::min(r_end, r0 + kRowsPerChunk);
     for (int64_t j = 0; j < width; ++j) {
-      const int64_t off = r0 * C + j;
       const Partial& so_far = out[c_begin + j];
-      p_dy[j] = chunk_pivot(so_far.dy, IO::load1(dy + off));
-      p_dx[j] = chunk_pivot(so_far.dx, stored_grad_input<P>(dy[off], x[off], mean[j], scale[j],
-                                                           mean_dy[j], k[j]));
+      const auto at = [&](int64_t i) { return (r0 + i) * C + j; };
+      p_dy[j] = chunk_pivot<acc_t>(so_far.dy, r1 - r0, [&](int64_t i) { return IO::load1(dy + at(i)); });
+      p_dx[j] = chunk_pivot<acc_t>(so_far.dx, r1 - r0, [&](int64_t i) {
+        return stored_grad_input<P>(dy[at(i)], x[at(i)], mean[j], scale[j], mean_dy[j], k[j]);
+      });
     }
     // Strips of K vectors of channels, each over a block of rows: the strip's sums stay in
     // registers over the block, and memory sees mostly the data (per-row sums in arrays would
@@ -364,6 +409,8 @@ void nhwc_task(const BnBackwardProblem& p, const Coeffs<acc_type_t<scalar_t>>& c
     const int64_t block_rows = std::max<int64_t>(8, (32 * 1024) / row_bytes);
     auto strip = [&](auto vectors, int64_t j0, int64_t rb0, int64_t rb1) {
       constexpr int K = decltype(vectors)::value;
+      const bool stream_here = stream && stream_aligned<scalar_t, L>(dx + j0) &&
+                               (C * sizeof(scalar_t)) % (sizeof(scalar_t) * L) == 0;
       ChunkSums<vec> s[K] = {};
       vec mean_v[K], scale_v[K], mean_dy_v[K], k_v[K], p_dy_v[K], p_dx_v[K];
       for (int b = 0; b < K; ++b) {
@@ -399,7 +446,13 @@ void nhwc_task(const BnBackwardProblem& p, const Coeffs<acc_type_t<scalar_t>>& c
           const vec v = update<P, scalar_t>(IO::load(dy + off), IO::load(x + off), mean_v[b],
                                             scale_v[b], mean_dy_v[b], k_v[b], p_dy_v[b],
                                             p_dx_v[b], s[b]);
-          if constexpr (kStore) IO::store(dx + off, v);
+          if constexpr (kStore) {
+            if (stream_here) {
+              IO::store_stream(dx + off, v);
+            } else {
+              IO::store(dx + off, v);
+            }
+          }
         }
       }
       for (int b = 0; b < K; ++b) {
@@ -446,6 +499,7 @@ void nhwc_task(const BnBackwardProblem& p, const Coeffs<acc_type_t<scalar_t>>& c
       flush_chunk<P>(out[c_begin + j], r1 - r0, p_dy[j], p_dx[j], totals, recount);
     }
   }
+  if (stream) stream_fence();
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -466,7 +520,7 @@ inline Tasks make_tasks(const BnBackwardProblem& p) {
   if (p.channels_last) {
     // Long parts amortise the per-channel fold of each chunk; at least ~4 parts per channel
     // block (when there are rows enough) keep threads evenly loaded.
-    t.rows_per_part = std::min(kRowsPerChunk, std::max<int64_t>(2 * kFirstChunkRows, (t.rows + 3) / 4));
+    t.rows_per_part = std::min<int64_t>(kRowsPerChunk, std::max<int64_t>(128, (t.rows + 3) / 4));
   }
   t.parts = (t.rows + t.rows_per_part - 1) / t.rows_per_part;
   t.channel_blocks = p.channels_last ? (p.C + kChannelBlock - 1) / kChannelBlock : p.C;

@@ -1,6 +1,7 @@
 // One instruction-set build of the CPU kernels. Each bn_backward_stats_<isa>.cpp defines
 //   GS_CPU_ISA          the build's name: its namespace and its entry's suffix
 //   GS_CPU_ISA_TARGET   (optional) the compiler target string, e.g. "avx2,fma,f16c"
+//   GS_CPU_ISA_LEVEL    0 baseline, 1 AVX2, 2 AVX-512: which intrinsics vec.h may use
 // and includes this file, which compiles bn_backward_stats_kernel.h for that target only.
 #include "isa_prelude.h"  // everything else first, for the baseline target (see there)
 

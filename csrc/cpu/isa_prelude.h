@@ -11,6 +11,10 @@
 #include <type_traits>
 #include <vector>
 
+#if defined(__x86_64__)
+#include <immintrin.h>  // streaming stores (vec.h); usable inside each build's target region
+#endif
+
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 

@@ -51,6 +51,38 @@ GS_VEC_INLINE V load_bytes(const void* p) {
   return v;
 }
 
+// Non-temporal store of N (32 or 64) bytes to N-aligned p: the write goes around the caches, so
+// it costs no read-for-ownership of the line. For outputs too large to stay in cache anyway.
+template <int N>
+GS_VEC_INLINE void stream_bytes(void* p, const void* src) {
+#if defined(__x86_64__) && GS_CPU_ISA_LEVEL >= 2
+  if constexpr (N == 64) {
+    _mm512_stream_si512(static_cast<__m512i*>(p), _mm512_loadu_si512(src));
+    return;
+  }
+#endif
+#if defined(__x86_64__) && GS_CPU_ISA_LEVEL >= 1
+  for (int i = 0; i < N; i += 32) {
+    _mm256_stream_si256(reinterpret_cast<__m256i*>(static_cast<char*>(p) + i),
+                        _mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const char*>(src) + i)));
+  }
+#elif defined(__x86_64__)
+  for (int i = 0; i < N; i += 16) {
+    _mm_stream_si128(reinterpret_cast<__m128i*>(static_cast<char*>(p) + i),
+                     _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const char*>(src) + i)));
+  }
+#else
+  std::memcpy(p, src, N);
+#endif
+}
+
+// Orders streaming stores before what follows (other threads' reads after the parallel region).
+GS_VEC_INLINE void stream_fence() {
+#if defined(__x86_64__)
+  _mm_sfence();
+#endif
+}
+
 // Storage type <-> accumulation type, for kLanes consecutive values (vector) or one (scalar).
 template <typename scalar_t>
 struct Io;
@@ -62,6 +94,7 @@ struct IoSame {
   using vec = typename VecOf<T>::type;
   static GS_VEC_INLINE vec load(const T* p) { return load_bytes<vec>(p); }
   static GS_VEC_INLINE void store(T* p, vec v) { std::memcpy(p, &v, sizeof(v)); }
+  static GS_VEC_INLINE void store_stream(T* p, vec v) { stream_bytes<sizeof(vec)>(p, &v); }
   static GS_VEC_INLINE vec round(vec v) { return v; }
   static GS_VEC_INLINE T load1(const T* p) { return *p; }
   static GS_VEC_INLINE void store1(T* p, T v) { *p = v; }
@@ -83,6 +116,10 @@ struct Io<c10::Half> {
   static GS_VEC_INLINE void store(c10::Half* p, vec v) {
     const vec16_half h = narrow(v);
     std::memcpy(p, &h, sizeof(h));
+  }
+  static GS_VEC_INLINE void store_stream(c10::Half* p, vec v) {
+    const vec16_half h = narrow(v);
+    stream_bytes<sizeof(h)>(p, &h);
   }
   static GS_VEC_INLINE vec round(vec v) { return __builtin_convertvector(narrow(v), vec); }
   static GS_VEC_INLINE float load1(const c10::Half* p) { return static_cast<float>(*p); }
@@ -108,6 +145,10 @@ struct Io<c10::BFloat16> {
   static GS_VEC_INLINE void store(c10::BFloat16* p, vec v) {
     const vec16_u16 b = __builtin_convertvector(narrow_bits(v), vec16_u16);
     std::memcpy(p, &b, sizeof(b));
+  }
+  static GS_VEC_INLINE void store_stream(c10::BFloat16* p, vec v) {
+    const vec16_u16 b = __builtin_convertvector(narrow_bits(v), vec16_u16);
+    stream_bytes<sizeof(b)>(p, &b);
   }
   static GS_VEC_INLINE vec round(vec v) { return bit_cast_vec<vec>(narrow_bits(v) << 16); }
   static GS_VEC_INLINE float load1(const c10::BFloat16* p) { return static_cast<float>(*p); }

@@ -87,3 +87,13 @@ def make_bn_inputs(shape, dtype, device, *, channels_last=False, affine=True, se
         tensors[0] = tensors[0].contiguous(memory_format=torch.channels_last)
         tensors[1] = tensors[1].contiguous(memory_format=torch.channels_last)
     return tensors
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for the module's tests: tiny models run as fast on one, and far faster
+    when other work shares the cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -34,32 +34,31 @@ int multiprocessor_count(c10::DeviceIndex device) {
   return cache[device];
 }
 
+// Enqueues a prepared problem on the current stream, with its workspace from the caching
+// allocator (the device guard is the caller's).
+void launch(const BnBackwardProblem& problem, const at::Tensor& like, const char* what) {
+  const int sms = multiprocessor_count(like.device().index());
+  const size_t bytes = bn_backward_stats_workspace_bytes(problem, sms);
+  const at::Tensor workspace = at::empty({static_cast<int64_t>(bytes)}, like.options().dtype(at::kByte));
+  check_cuda(launch_bn_backward_stats(problem, workspace.mutable_data_ptr(), sms,
+                                      c10::cuda::getCurrentCUDAStream()),
+             what);
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_backward_stats_cuda(
     const at::Tensor& grad_output, const at::Tensor& input, const c10::optional<at::Tensor>& weight,
     const at::Tensor& mean, const at::Tensor& invstd, bool training, bool grad_input_mask) {
   c10::cuda::CUDAGuard guard(input.device());
   PreparedBnBackward p = prepare_bn_backward(grad_output, input, weight, mean, invstd, training,
                                              grad_input_mask, c10::DeviceType::CUDA);
-  const int sms = multiprocessor_count(input.device().index());
-  const size_t bytes = bn_backward_stats_workspace_bytes(p.problem, sms);
-  const at::Tensor workspace =
-      at::empty({static_cast<int64_t>(bytes)}, input.options().dtype(at::kByte));
-  check_cuda(launch_bn_backward_stats(p.problem, workspace.mutable_data_ptr(), sms,
-                                      c10::cuda::getCurrentCUDAStream()),
-             "bn_backward_stats");
+  launch(p.problem, input, "bn_backward_stats");
   return finish_bn_backward(p);
 }
 
 at::Tensor channel_moments_cuda(const at::Tensor& input) {
   c10::cuda::CUDAGuard guard(input.device());
   PreparedMoments p = prepare_channel_moments(input, c10::DeviceType::CUDA);
-  const int sms = multiprocessor_count(input.device().index());
-  const size_t bytes = bn_backward_stats_workspace_bytes(p.problem, sms);
-  const at::Tensor workspace =
-      at::empty({static_cast<int64_t>(bytes)}, input.options().dtype(at::kByte));
-  check_cuda(launch_bn_backward_stats(p.problem, workspace.mutable_data_ptr(), sms,
-                                      c10::cuda::getCurrentCUDAStream()),
-             "channel_moments");
+  launch(p.problem, input, "channel_moments");
   return p.stats[0];
 }
 

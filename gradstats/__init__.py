@@ -2,6 +2,8 @@
 
 Public API:
     GradStatBatchNorm2d   drop-in nn.BatchNorm2d recording dy/dx statistics on every backward
+    GradStatSyncBatchNorm2d  the same over a process group's global batch (nn.SyncBatchNorm)
+    convert_sync_batchnorm   replace BN layers by GradStatSyncBatchNorm2d
     GradProbe             identity recording the statistics of the gradient through it
     convert_batchnorm     replace a model's nn.BatchNorm2d layers by GradStatBatchNorm2d
     instrument            convert_batchnorm + probes at the outputs of residual blocks
@@ -16,16 +18,19 @@ from .nn import (GradProbe, GradStatBatchNorm2d, batchnorms, convert_batchnorm, 
                  instrument, plain_state_dict, probes)
 from .ops import bn_backward_stats, channel_moments, cpu_capability, cuda_kernels_built
 from .stats import ChannelStats, GradStats
+from .syncbn import GradStatSyncBatchNorm2d, convert_sync_batchnorm
 
 __all__ = [
     "ChannelStats",
     "GradProbe",
     "GradStatBatchNorm2d",
+    "GradStatSyncBatchNorm2d",
     "GradStats",
     "batchnorms",
     "bn_backward_stats",
     "channel_moments",
     "convert_batchnorm",
+    "convert_sync_batchnorm",
     "cpu_capability",
     "cuda_kernels_built",
     "first_nonfinite",

@@ -12,11 +12,18 @@ from torch import Tensor
 try:
     from . import _C  # noqa: F401  (loading the library registers torch.ops.gradstats)
 except ImportError as error:  # pragma: no cover - exercised only on a broken install
-    raise ImportError(
-        "gradstats' compiled extension (gradstats._C) could not be loaded: "
-        f"{error}. Build it against the installed torch with "
-        "`pip install --no-build-isolation .` from the gradstats source folder."
-    ) from error
+    import os as _os
+
+    _package = _os.path.dirname(_os.path.abspath(__file__))
+    _hint = ("Build it against the installed torch with `pip install --no-build-isolation .` "
+             "from the gradstats source folder.")
+    if _os.path.exists(_os.path.join(_os.path.dirname(_package), "setup.py")):
+        # Python found the source folder (the current directory comes first on sys.path), whose
+        # gradstats/ holds no compiled library after a plain `pip install .`.
+        _hint = (f"Python imported gradstats from its source folder {_package}, which holds no "
+                 "compiled library. Run from another directory to use the installed package, or "
+                 "build in place: `pip install --no-build-isolation -e .`.")
+    raise ImportError(f"gradstats' compiled extension (gradstats._C) could not be loaded: {error}. {_hint}") from error
 
 from .reference import bn_backward_formula
 

@@ -199,7 +199,8 @@ def test_torchrun_cli_sync_bn_matches_one_process(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                            "-m", "gradstats", "train", "--out", str(two), "--stop-at", "3", *options],
-                          env=env, capture_output=True, text=True, timeout=300)
+                          env=env, capture_output=True, text=True, timeout=300,
+                          cwd=tmp_path)  # not the source folder, whose gradstats/ has no compiled extension
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert sorted(os.listdir(two)) == ["checkpoint.pt", "stats.jsonl"]  # rank 0 wrote, nothing else
     assert load_checkpoint(str(two / "checkpoint.pt"))["world_size"] == 2

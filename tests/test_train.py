@@ -54,7 +54,8 @@ def test_cli_smoke_on_builtin_data(tmp_path):
     out = tmp_path / "run"
     proc = subprocess.run([sys.executable, "-m", "gradstats", "train", "--out", str(out), "--batch-size", "64",
                            "--steps", "6", "--log-every", "2", "--no-tensorboard", *FAST],
-                          env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300,
+                          cwd=tmp_path)  # not the source folder, whose gradstats/ has no compiled extension
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "digits" in proc.stdout and "test loss" in proc.stdout + proc.stderr
     model = gradstats.instrument(cifar_resnet(8))

@@ -15,9 +15,10 @@ SHAPES = [
     (1, 3, 1, 2),     # N*H*W = 2 with N = 1
     (4, 3, 5, 7),     # odd everything
     (3, 17, 9, 9),    # C not a multiple of any vector or block width
-    (2, 1000, 2, 2),  # C = 1000
+    (2, 1000, 2, 2),  # C = 1000 (channels_last: two channel blocks)
     (5, 48, 4, 4),    # channels_last: three vectors per row
-    (3, 300, 2, 3),   # channels_last: several channel blocks and a tail
+    (3, 300, 2, 3),   # channels_last: strips of 4 and of 1 vector and a scalar tail
+    (4, 40, 36, 36),  # channels_last: 5184 rows, several parts of two chunks
     (2, 16, 33, 33),  # H*W not a multiple of the vector width
     (1, 2, 130, 130), # > 8192 values per channel: several chunks per task
     (7, 1, 3, 3),     # a single channel
@@ -89,6 +90,20 @@ def test_matches_reference(device, dtype, channels_last, shape, training):
                 memory_format=torch.channels_last
             ), "grad_input must keep input's layout"
         check_against_reference(out, dy, x, weight, mean, invstd, training, grad_input_mask, dtype)
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("shape", [(8, 64, 97, 95), (4, 200, 77, 77)], ids=lambda s: "x".join(map(str, s)))
+def test_large_grad_input_streamed_past_the_caches_cpu(channels_last, shape):
+    """grad_input of 16 MB or more is written with streaming stores on CPU (aligned vectors only:
+    an odd H*W makes NCHW channels start unaligned; 200 channels make channels_last rows that
+    are not whole vectors apart)."""
+    assert torch.Size(shape).numel() * 4 >= 16 << 20
+    for training in (True, False):
+        dy, x, weight, mean, invstd = make_bn_inputs(shape, torch.float32, "cpu", channels_last=channels_last,
+                                                     seed=seed_for("cpu", channels_last, shape, training))
+        out = bn_backward_stats(dy, x, weight, mean, invstd, training, True)
+        check_against_reference(out, dy, x, weight, mean, invstd, training, True, torch.float32)
 
 
 @pytest.mark.parametrize("device", DEVICES)

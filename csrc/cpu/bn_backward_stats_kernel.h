@@ -65,12 +65,17 @@ inline bool stream_aligned(const scalar_t* p) {
 // terms; the fold that ends a chunk costs a few double divisions per channel, so chunks must be
 // long enough to amortise it.
 constexpr int64_t kRowsPerChunk = 1024;
+// channels_last: rows per part (task) at most; see make_tasks.
+constexpr int64_t kMaxRowsPerPart = 2048;
 // A task covers about this many values, so small channels are grouped and large ones split.
 constexpr int64_t kTaskValues = 1 << 16;
-// channels_last: channels per task. 256 (four strips, see nhwc_task) beat 64 (one strip, one
-// constant-stride stream per tensor) on every ResNet-50 shape measured: 1.04-1.8x native
-// against 1.13-2.5x.
-constexpr int64_t kChannelBlock = 256;
+// channels_last: channels per task. 512 (eight strips, see nhwc_task) beat 256 on the 512-channel
+// ResNet-50 shapes (1.13-1.20x native against 1.27-1.30x at 14x14) and 64 (one strip) lost to
+// 256 on all of them.
+constexpr int64_t kChannelBlock = 512;
+// channels_last: how far ahead (in row blocks) each strip prefetches its own columns. One block
+// (~32 KB per tensor) measured best; two and four were 5-15% slower on DRAM-sized shapes.
+constexpr int64_t kPrefetchBlocks = 1;
 
 template <typename scalar_t>
 using acc_type_t = typename Io<scalar_t>::acc_t;
@@ -180,19 +185,30 @@ struct FiniteMoments {
 // channel mean without a pass of its own, and one outlier among them moves it by a fraction.
 constexpr int64_t kPivotSamples = 16;
 
-template <typename acc_t, typename ValueAt>
-inline acc_t chunk_pivot(const Moments<double>& so_far, int64_t available, ValueAt value_at) {
-  if (so_far.n > 0) return static_cast<acc_t>(so_far.mean);
+// The sum of the finite values among a chunk's first kPivotSamples, and how many there are.
+struct PivotSamples {
   double sum = 0;
   int n = 0;
-  for (int64_t i = 0; i < std::min(available, kPivotSamples); ++i) {
-    const double v = value_at(i);
+  void add(double v) {
     if (std::isfinite(v)) {
       sum += v;
       ++n;
     }
   }
-  return n > 0 ? static_cast<acc_t>(sum / n) : acc_t(0);
+  template <typename acc_t>
+  acc_t pivot(const Moments<double>& so_far) const {
+    if (so_far.n > 0) return static_cast<acc_t>(so_far.mean);
+    return n > 0 ? static_cast<acc_t>(sum / n) : acc_t(0);
+  }
+};
+
+template <typename acc_t, typename ValueAt>
+inline acc_t chunk_pivot(const Moments<double>& so_far, int64_t available, ValueAt value_at) {
+  PivotSamples samples;
+  if (so_far.n == 0) {
+    for (int64_t i = 0; i < std::min(available, kPivotSamples); ++i) samples.add(value_at(i));
+  }
+  return samples.pivot<acc_t>(so_far);
 }
 
 // dx of one element as update() computes and stores it (a chunk's pivot, or the re-read of a
@@ -389,16 +405,26 @@ void nhwc_task(const BnBackwardProblem& p, const Coeffs<acc_type_t<scalar_t>>& c
   for (int q = 0; q < kNumSums; ++q) sums[q] = buf.data() + q * width;
   acc_t* p_dy = buf.data() + kNumSums * width;
   acc_t* p_dx = p_dy + width;
+  std::vector<PivotSamples> samples(2 * width);  // dy's, then dx's
 
   for (int64_t r0 = r_begin, r1 = r_begin; r0 < r_end; r0 = r1) {
     r1 = std::min(r_end, r0 + kRowsPerChunk);
+    // Pivots of the passes' statistics (see chunk_pivot), sampled row by row: memory order.
+    constexpr bool kPivotDy = pass_uses(P, kS1Dy), kPivotDx = pass_uses(P, kS1Dx);
+    std::fill(samples.begin(), samples.end(), PivotSamples{});
+    for (int64_t i = 0; i < std::min(r1 - r0, kPivotSamples); ++i) {
+      const int64_t row = (r0 + i) * C;
+      for (int64_t j = 0; j < width; ++j) {
+        if (kPivotDy) samples[j].add(IO::load1(dy + row + j));
+        if (kPivotDx) {
+          samples[width + j].add(
+              stored_grad_input<P>(dy[row + j], x[row + j], mean[j], scale[j], mean_dy[j], k[j]));
+        }
+      }
+    }
     for (int64_t j = 0; j < width; ++j) {
-      const Partial& so_far = out[c_begin + j];
-      const auto at = [&](int64_t i) { return (r0 + i) * C + j; };
-      p_dy[j] = chunk_pivot<acc_t>(so_far.dy, r1 - r0, [&](int64_t i) { return IO::load1(dy + at(i)); });
-      p_dx[j] = chunk_pivot<acc_t>(so_far.dx, r1 - r0, [&](int64_t i) {
-        return stored_grad_input<P>(dy[at(i)], x[at(i)], mean[j], scale[j], mean_dy[j], k[j]);
-      });
+      p_dy[j] = samples[j].pivot<acc_t>(out[c_begin + j].dy);
+      p_dx[j] = samples[width + j].pivot<acc_t>(out[c_begin + j].dx);
     }
     // Strips of K vectors of channels, each over a block of rows: the strip's sums stay in
     // registers over the block, and memory sees mostly the data (per-row sums in arrays would
@@ -406,6 +432,8 @@ void nhwc_task(const BnBackwardProblem& p, const Coeffs<acc_type_t<scalar_t>>& c
     // blocks of ~32 KB per tensor stay in cache while the strips that share their cache lines
     // pass over them.
     const int64_t row_bytes = width * static_cast<int64_t>(sizeof(scalar_t));
+    // A task over every channel is followed (on its thread) by the next rows' task.
+    const int64_t prefetch_end = width == C ? p.N * p.HW : r_end;
     const int64_t block_rows = std::max<int64_t>(8, (32 * 1024) / row_bytes);
     auto strip = [&](auto vectors, int64_t j0, int64_t rb0, int64_t rb1) {
       constexpr int K = decltype(vectors)::value;
@@ -428,17 +456,19 @@ void nhwc_task(const BnBackwardProblem& p, const Coeffs<acc_type_t<scalar_t>>& c
         }
       }
       // The strips read a row block column by column, an order the hardware prefetcher does
-      // not follow from DRAM: while the first strip runs, ask for the rows two blocks ahead
-      // whole, in memory order, one row per row processed (measured: 1.8x -> 1.4x native on
-      // a DRAM-sized 32x256x28x28 on one core).
-      const bool prefetch = j0 == 0 && width > K * L;
+      // not follow from DRAM: each strip asks for its own columns of the row one block ahead,
+      // a few lines per row processed (measured on DRAM-sized shapes, 2 threads: 1.3-1.4x ->
+      // 1.0-1.1x native; prefetching whole rows from the first strip only, a burst of every
+      // line of a row at once, got 1.3-1.4x).
+      const int64_t ahead_rows = kPrefetchBlocks * block_rows;
       for (int64_t r = rb0; r < rb1; ++r) {
-        if (prefetch && r + 2 * block_rows < r_end) {
-          const int64_t ahead = (r + 2 * block_rows) * C;
-          for (int64_t b = 0; b < row_bytes; b += 64) {
+        if (r + ahead_rows < prefetch_end) {
+          const int64_t ahead = (r + ahead_rows) * C + j0;
+          for (int64_t b = 0; b < static_cast<int64_t>(K * L * sizeof(scalar_t)); b += 64) {
             __builtin_prefetch(reinterpret_cast<const char*>(dy + ahead) + b, 0, 1);
             __builtin_prefetch(reinterpret_cast<const char*>(x + ahead) + b, 0, 1);
-            if constexpr (kStore) __builtin_prefetch(reinterpret_cast<const char*>(dx + ahead) + b, 1, 1);
+            // A streamed dx bypasses the caches: fetching its lines would only add a read.
+            if (kStore && !stream) __builtin_prefetch(reinterpret_cast<const char*>(dx + ahead) + b, 1, 1);
           }
         }
         for (int b = 0; b < K; ++b) {
@@ -518,9 +548,10 @@ inline Tasks make_tasks(const BnBackwardProblem& p) {
   const int64_t values_per_row = p.channels_last ? std::min<int64_t>(p.C, kChannelBlock) : p.HW;
   t.rows_per_part = std::max<int64_t>(1, kTaskValues / std::max<int64_t>(1, values_per_row));
   if (p.channels_last) {
-    // Long parts amortise the per-channel fold of each chunk; at least ~4 parts per channel
-    // block (when there are rows enough) keep threads evenly loaded.
-    t.rows_per_part = std::min<int64_t>(kRowsPerChunk, std::max<int64_t>(128, (t.rows + 3) / 4));
+    // Long parts amortise the per-channel fold of each chunk; a multiple of 4 parts of equal
+    // length (when there are rows enough) keeps 2 or 4 threads evenly loaded.
+    const int64_t parts = (t.rows + kMaxRowsPerPart - 1) / kMaxRowsPerPart;
+    t.rows_per_part = std::max<int64_t>(128, (t.rows + 4 * ((parts + 3) / 4) - 1) / (4 * ((parts + 3) / 4)));
   }
   t.parts = (t.rows + t.rows_per_part - 1) / t.rows_per_part;
   t.channel_blocks = p.channels_last ? (p.C + kChannelBlock - 1) / kChannelBlock : p.C;

@@ -4,6 +4,7 @@ into existing models (convert_batchnorm, instrument)."""
 
 from __future__ import annotations
 
+import itertools
 from typing import Any, NamedTuple
 
 import torch
@@ -20,6 +21,10 @@ __all__ = [
 ]
 
 STATE_BUFFER = "grad_stats_state"
+
+# Process-wide order of eager-mode recordings: each recording module notes the next number when
+# its backward runs, so first_nonfinite can walk the last backward in the order it executed.
+_backward_clock = itertools.count(1)
 
 
 class _BatchNorm2dWithGradStats(torch.autograd.Function):
@@ -96,6 +101,20 @@ class GradStatsRecorder:
     state_dict without it (a plain model's) loads without touching it."""
 
     grad_stats_state: Tensor
+    # When this module's backward last ran, on _backward_clock; 0 if it never ran eagerly
+    # (a compiled graph runs no Python hooks at backward time).
+    _backward_seq: int = 0
+
+    def _note_backward(self, *_) -> None:
+        if not torch.compiler.is_compiling():
+            self._backward_seq = next(_backward_clock)
+
+    def _watch_backward(self, output: Tensor) -> Tensor:
+        """Has the backward node of ``output`` note when it runs (eager mode only; a node
+        pre-hook, so nothing is added to the graph or synchronised)."""
+        if not torch.compiler.is_compiling() and output.grad_fn is not None:
+            output.grad_fn.register_prehook(self._note_backward)
+        return output
 
     def _init_grad_stats(self, num_channels: int, gradients: int, ema_decay: float, device) -> None:
         if not 0.0 <= ema_decay <= 1.0:
@@ -214,10 +233,10 @@ class GradStatBatchNorm2d(GradStatsRecorder, nn.BatchNorm2d):
                 raise ValueError(
                     f"Expected more than 1 value per channel when training, got input size {size}"
                 )
-        return _BatchNorm2dWithGradStats.apply(
+        return self._watch_backward(_BatchNorm2dWithGradStats.apply(
             input, self.weight, self.bias, running_mean, running_var, self.grad_stats_state,
             use_batch_stats, exponential_average_factor, self.eps, self.grad_stats_ema_decay,
-        )
+        ))
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", grad_stats_ema_decay={self.grad_stats_ema_decay}"
@@ -265,6 +284,7 @@ class GradProbe(GradStatsRecorder, nn.Module):
         return input
 
     def _record(self, grad: Tensor) -> None:
+        self._note_backward()
         stats = torch.ops.gradstats.channel_moments(grad.detach())
         torch.ops.gradstats.record_grad_stats_(self.grad_stats_state, stats.unsqueeze(0),
                                                self.grad_stats_ema_decay)
@@ -383,16 +403,19 @@ def first_nonfinite(model: nn.Module) -> NonfiniteSite | None:
     """The recording module (GradStatBatchNorm2d or GradProbe) where non-finite gradient values
     first appeared in the last backward pass, or None if there were none.
 
-    Backward order is taken as the reverse of the modules' registration order, which is their
-    forward order in the usual models (torchvision's and gradstats' ResNets, nn.Sequential).
-    Walking that order, the first module whose last record counts NaN or infinite values in
-    the gradient it received (grad_output) or passed on (grad_input) is returned: "grad_input"
+    The modules are walked in the order their backward ran: measured in eager mode (each module
+    notes when its backward node runs); a model run through torch.compile runs no Python at
+    backward time, and there the order is taken as the reverse of the modules' registration
+    order (their forward order in the usual models: torchvision's and gradstats' ResNets,
+    nn.Sequential). The first module whose last record counts NaN or infinite values in the
+    gradient it received (grad_output) or passed on (grad_input) is returned: "grad_input"
     means this layer turned finite gradients into non-finite ones; "grad_output" means they came
     from above it (the loss, or layers gradstats does not record). Reads the device once.
     """
     recorders = [(name, m) for name, m in model.named_modules() if isinstance(m, GradStatsRecorder)]
     if not recorders:
         return None
+    recorders.reverse()  # the fallback order
     # [modules, G, C] non-finite counts of the last backward, padded to 2 gradients, one transfer.
     counts = []
     for _, m in recorders:
@@ -400,13 +423,16 @@ def first_nonfinite(model: nn.Module) -> NonfiniteSite | None:
         counts.append((last[0], last[-1]))
     flat = torch.stack([torch.stack([a.sum(), (a > 0).sum(), b.sum(), (b > 0).sum()])
                         for a, b in counts]).cpu()
-    for (name, module), row in zip(reversed(recorders), reversed(flat.tolist())):
-        out_values, out_channels, in_values, in_channels = row
-        if out_values > 0:
-            return NonfiniteSite(name, module, "grad_output", int(out_channels), int(out_values))
-        if in_values > 0:
-            return NonfiniteSite(name, module, "grad_input", int(in_channels), int(in_values))
-    return None
+    found = [(name, module, row) for (name, module), row in zip(recorders, flat.tolist())
+             if row[0] > 0 or row[2] > 0]
+    if not found:
+        return None
+    if all(module._backward_seq > 0 for _, module, _ in found):
+        found.sort(key=lambda item: item[1]._backward_seq)  # the order the backward ran
+    name, module, (out_values, out_channels, in_values, in_channels) = found[0]
+    if out_values > 0:
+        return NonfiniteSite(name, module, "grad_output", int(out_channels), int(out_values))
+    return NonfiniteSite(name, module, "grad_input", int(in_channels), int(in_values))
 
 
 def gradstats_buffer_names(model: nn.Module) -> list[str]:

@@ -113,11 +113,11 @@ class GradStatSyncBatchNorm2d(GradStatBatchNorm2d):
             if self.momentum is None:  # cumulative moving average
                 factor = 1.0 / float(self.num_batches_tracked)
         running = self.track_running_stats and self.running_mean is not None
-        return _SyncBatchNormWithGradStats.apply(
+        return self._watch_backward(_SyncBatchNormWithGradStats.apply(
             input, self.weight, self.bias, self.running_mean if running else None,
             self.running_var if running else None, self.grad_stats_state, factor, self.eps,
             self.grad_stats_ema_decay, self.process_group, world_size,
-        )
+        ))
 
 
 def convert_sync_batchnorm(module: nn.Module, process_group=None, *,

@@ -177,6 +177,54 @@ def test_first_nonfinite_names_the_layer():
     assert site.name == "8" and site.gradient == "grad_output"
 
 
+class _Reordered(nn.Module):
+    """Registers its BN layers in the opposite order to the one the forward runs them in."""
+
+    def __init__(self):
+        super().__init__()
+        self.late = nn.BatchNorm2d(4)  # registered first, runs last
+        self.early = nn.BatchNorm2d(4)
+        self.conv1 = nn.Conv2d(3, 4, 3, padding=1)
+        self.conv2 = nn.Conv2d(4, 4, 3, padding=1)
+        self.explode = _Exploding()
+
+    def forward(self, x):
+        return self.late(self.conv2(self.explode(self.early(self.conv1(x))))).mean((1, 2, 3))
+
+
+def test_first_nonfinite_follows_the_backward_not_the_registration_order():
+    torch.manual_seed(2)
+    model = gradstats.convert_batchnorm(_Reordered())
+    x = torch.randn(4, 3, 6, 6)
+    (model(x).sum() * float("nan")).backward()
+    # Every layer sees NaN; the backward ran `late` first (reverse registration order would
+    # name `early`).
+    site = first_nonfinite(model)
+    assert site.name == "late" and site.gradient == "grad_output"
+    model.zero_grad()
+    model(x).sum().backward()  # finite loss: the explosion between the two is found
+    site = first_nonfinite(model)
+    assert site.name == "early" and site.gradient == "grad_output"
+    model.zero_grad()
+    model(x).sum().backward()
+    assert model.early._backward_seq > model.late._backward_seq > 0
+
+
+def test_first_nonfinite_after_a_compiled_backward():
+    """A compiled graph runs no Python hooks in its backward: the modules note no backward order
+    and first_nonfinite walks the reverse registration order instead."""
+    torch.manual_seed(3)
+    model = gradstats.convert_batchnorm(nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+        nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4),
+    ))
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    (compiled(torch.randn(4, 3, 6, 6)).sum() * float("nan")).backward()
+    assert [m._backward_seq for m in (model[1], model[4])] == [0, 0]
+    site = first_nonfinite(model)
+    assert site.name == "4" and site.gradient == "grad_output"
+
+
 def test_first_nonfinite_layer_that_produces_nonfinite_dx():
     """A BN layer whose running variance is 0 in eval mode has invstd = 1/sqrt(eps); with eps=0
     it is infinite: the layer turns finite dy into non-finite dx."""

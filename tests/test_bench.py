@@ -1,0 +1,118 @@
+"""`gradstats bench`: the rows, the summary and the JSON it writes are consistent with each other
+and with the byte count, bad options get a clear error, and --e2e compares equal work (its hooks
+variant computes the statistics gradstats records). Timings themselves are never asserted."""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from gradstats import batchnorms
+from gradstats.bench import HEADER, PRESETS, bench_shape
+from gradstats.bench_e2e import _variants
+from gradstats.cli import main as cli_main
+
+
+def test_bench_rows_summary_and_json(tmp_path, capsys):
+    path = tmp_path / "bench.json"
+    argv = ["bench", "--shape", "4,3,5,5", "--shape", "2,17,3,2", "--both-layouts", "--dtype", "bfloat16",
+            "--repeats", "2", "--json", str(path)]
+    assert cli_main(argv) == 0
+    out = capsys.readouterr().out.splitlines()
+    header = out.index(HEADER)
+    lines = out[header + 1:header + 5]
+    assert [line.split()[:3] for line in lines] == [
+        ["4x3x5x5", "bfloat16", "nchw"], ["4x3x5x5", "bfloat16", "channels_last"],
+        ["2x17x3x2", "bfloat16", "nchw"], ["2x17x3x2", "bfloat16", "channels_last"]]
+    assert len({len(line) for line in lines}) == 1  # fixed width
+    payload = json.loads(path.read_text())
+    rows = payload["rows"]
+    assert [(r["shape"], r["layout"]) for r in rows] == [
+        ([4, 3, 5, 5], "nchw"), ([4, 3, 5, 5], "channels_last"), ([2, 17, 3, 2], "nchw"), ([2, 17, 3, 2], "channels_last")]
+    for r, line in zip(rows, lines):
+        assert r["dtype"] == "bfloat16" and r["device"] == "cpu"
+        assert r["bytes"] == 5 * math.prod(r["shape"]) * 2  # read dy and x twice, write dx
+        assert all(r[k] > 0 for k in ("fused_ms", "native_ms", "unfused_ms", "copy_gbps"))
+        assert r["fused_gbps"] == pytest.approx(r["bytes"] / r["fused_ms"] / 1e6)
+        assert r["fused_vs_native"] == pytest.approx(r["fused_ms"] / r["native_ms"])
+        assert r["unfused_vs_fused"] == pytest.approx(r["unfused_ms"] / r["fused_ms"])
+        assert r["fused_pct_copy"] == pytest.approx(100 * r["fused_gbps"] / r["copy_gbps"])
+        printed = line.split()
+        assert float(printed[-2]) == pytest.approx(r["fused_vs_native"], abs=6e-4)
+        assert float(printed[-1]) == pytest.approx(r["unfused_vs_fused"], abs=6e-3)
+    summary = payload["summary"]
+    assert summary["fused_vs_native_geomean"] == pytest.approx(statistics.geometric_mean(
+        [r["fused_vs_native"] for r in rows]))
+    assert summary["unfused_vs_fused_geomean"] == pytest.approx(statistics.geometric_mean(
+        [r["unfused_vs_fused"] for r in rows]))
+    assert f"geometric mean over 4 configurations: fused/native {summary['fused_vs_native_geomean']:.3f}" in "\n".join(out)
+    assert payload["repeats"] == 2 and payload["machine"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--shape", "1,2,3"], "--shape expects N,C,H,W"),
+    (["--shape", "0,2,3,3"], "--shape expects N,C,H,W"),
+    (["--repeats", "0"], "--repeats must be at least 1"),
+    (["--e2e", "--steps", "0"], "--steps must be at least 1"),
+    (["--device", "tpu"], "--device expects cpu or cuda"),
+    (["--device", "meta"], "--device expects cpu or cuda"),
+    (["--dtype", "int8"], "argument --dtype: invalid choice"),
+    (["--preset", "vgg"], "argument --preset: invalid choice"),
+])
+def test_bench_rejects_bad_options(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit:
+        cli_main(["bench", *argv])
+    assert exit.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_bench_without_cuda_says_so(capsys):
+    with pytest.raises(SystemExit):
+        cli_main(["bench", "--device", "cuda", "--shape", "2,2,2,2"])
+    assert "no CUDA device is available" in capsys.readouterr().err
+
+
+def test_presets_are_the_networks_bn_shapes():
+    # ResNet-56 on CIFAR at batch 128: three stages of 16/32/64 channels at 32/16/8 pixels.
+    assert PRESETS["resnet56-cifar"] == [(128, 16, 32, 32), (128, 32, 16, 16), (128, 64, 8, 8)]
+    r50 = PRESETS["resnet50"]
+    assert (32, 64, 112, 112) in r50 and (64, 2048, 7, 7) in r50 and len(set(r50)) == len(r50)
+    assert {n for n, *_ in r50} == {32, 64}
+
+
+def test_bench_shape_times_the_train_mode_op():
+    row = bench_shape((3, 4, 5, 6), torch.float32, channels_last=True, repeats=1, copy_gbps=1.0)
+    assert row.layout == "channels_last" and row.native_kind and row.bytes == 5 * 360 * 4
+
+
+def test_e2e_variants_do_equal_work():
+    """The three --e2e variants start from the same weights, and the hooks variant computes,
+    with torch.var_mean, the dy and dx statistics that the gradstats variant records."""
+    torch.set_num_threads(1)
+    models = _variants(torch.device("cpu"))
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(8, 3, 32, 32, generator=g)
+    y = torch.randint(0, 10, (8,), generator=g)
+    outputs = {}
+    for name, (model, _, hooks) in models.items():
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        outputs[name] = loss.item()
+    assert outputs["gradstats"] == pytest.approx(outputs["plain"], rel=1e-5)
+    assert outputs["hooks"] == pytest.approx(outputs["plain"], rel=1e-5)
+    hooked = models["hooks"][2]
+    bns = batchnorms(models["gradstats"][0])
+    # dy and dx at every BN layer of a ResNet-56: the stem, 2 per block x 27, 2 projection shortcuts
+    assert len(hooked) == 2 * len(bns) == 2 * 57
+    # Order-free comparison: the total per-channel variance of all dy and dx tensors.
+    hooks_total = sum(var.double().sum().item() for var, _ in hooked)
+    ours_total = sum((bn.last_grad_stats.grad_output.var.sum() + bn.last_grad_stats.grad_input.var.sum()).item()
+                     for _, bn in bns)
+    assert hooks_total == pytest.approx(ours_total, rel=1e-4)
+    assert hooks_total > 0

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .data import ImageData, load_dataset
+from .distributed import resolve_device
 from .models import VARIANTS, cifar_resnet_variant
 from .nn import batchnorms, instrument, probes
 
@@ -295,7 +296,8 @@ def config_from_args(args: argparse.Namespace) -> AnalysisConfig:
         raise ValueError(f"--steps must be >= 0, got {args.steps}")
     return AnalysisConfig(depth=args.depth, variants=parse_variants(args.variants), preact=args.preact,
                           batch_size=args.batch_size, batches=args.batches, width=args.width,
-                          steps=args.steps, lr=args.lr, data=args.data, device=args.device, seed=args.seed)
+                          steps=args.steps, lr=args.lr, data=args.data, device=str(resolve_device(args.device)),
+                          seed=args.seed)
 
 
 def main(args: argparse.Namespace) -> int:

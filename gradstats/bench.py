@@ -39,6 +39,7 @@ from typing import Callable
 
 import torch
 
+from .distributed import resolve_device
 from .ops import bn_backward_stats, cpu_capability
 
 # BN layers (N, C, H, W) of a CIFAR ResNet-56 at batch 128: 16, 32 and 64 channels at 32, 16, 8 px.
@@ -300,14 +301,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    try:
-        device = torch.device(args.device)
-    except RuntimeError:
-        device = None
-    if device is None or device.type not in ("cpu", "cuda"):
-        raise ValueError(f"--device expects cpu or cuda[:index], got {args.device!r}")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: no CUDA device is available")
+    device = resolve_device(args.device)
     if args.repeats < 1:
         raise ValueError(f"--repeats must be at least 1, got {args.repeats}")
     if args.steps < 1:

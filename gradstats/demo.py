@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from . import __version__
 from .data import load_dataset
+from .distributed import resolve_device
 from .models import cifar_resnet
 from .nn import GradStatBatchNorm2d, convert_batchnorm
 from .ops import cpu_capability, cuda_kernels_built
@@ -26,7 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)
-    device = torch.device(args.device)
+    device = resolve_device(args.device)
     print(f"gradstats {__version__}: CPU kernels {cpu_capability()}, "
           f"CUDA kernels {'built' if cuda_kernels_built() else 'not built'}; device {device}")
     model = convert_batchnorm(cifar_resnet(args.depth)).to(device)

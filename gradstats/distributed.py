@@ -54,6 +54,8 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
         device = torch.device(name)
     except RuntimeError as error:
         raise ValueError(f"--device {name!r}: not a device ({error})") from error
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {name!r}: gradstats runs on cpu or cuda[:index]")
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise ValueError(f"--device {name!r}: CUDA is not available here")

@@ -2,7 +2,11 @@
 
 import pathlib
 
+import pytest
+import torch
+
 import gradstats
+from gradstats.cli import main as cli_main
 
 README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
 
@@ -18,3 +22,20 @@ def test_readme_documents_every_export():
     undocumented = [name for name in gradstats.__all__ if f"`{name}" not in api and f"{name}(" not in api
                     and f"`{name}`" not in api]
     assert not undocumented, f"exported but not in the README's API section: {undocumented}"
+
+
+@pytest.mark.parametrize("command", [["demo"], ["bench"], ["analyze"], ["train", "--out", "unused"]])
+@pytest.mark.parametrize("device, message", [
+    ("tpu", "--device 'tpu': not a device"),
+    ("meta", "--device 'meta': gradstats runs on cpu or cuda"),
+    pytest.param("cuda", "--device 'cuda': CUDA is not available here",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")),
+])
+def test_every_command_rejects_a_device_it_cannot_use(command, device, message, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # train would create its output folder here
+    with pytest.raises(SystemExit) as exit:
+        cli_main([*command, "--device", device])
+    assert exit.value.code == 2
+    err = capsys.readouterr().err
+    assert f"gradstats {command[0]}: error: {message}" in err, err
+    assert not (tmp_path / "unused").exists()

@@ -280,6 +280,12 @@ class GradProbe(GradStatsRecorder, nn.Module):
             # a view which the next in-place op (a ReLU(inplace=True)) is not allowed to modify,
             # and a copy would cost a pass over memory. The hook sees the total gradient of the
             # tensor, which is the gradient through the probe.
+            if input.is_leaf:
+                # A leaf (a model input with requires_grad) outlives the graph, and so would a
+                # hook on it: reused over several steps it would collect one hook per forward,
+                # each recording every later backward again. Hook a fresh view instead; an
+                # in-place op on a leaf that requires grad is refused anyway, on a view or not.
+                input = input.view_as(input)
             input.register_hook(self._record)
         return input
 

@@ -52,7 +52,7 @@ def test_channel_moments_opcheck_and_errors():
 def test_probe_records_the_gradient_through_it(device):
     torch.manual_seed(0)
     probe = GradProbe(4, device=device)
-    x = torch.randn(3, 4, 5, 5, device=device, requires_grad=True)
+    x = torch.randn(3, 4, 5, 5, device=device, requires_grad=True) * 1.0
     y = probe(x)
     assert y is x  # an identity: the same tensor, no copy
     g = torch.randn(3, 4, 5, 5, device=device) * 2 + 7
@@ -73,6 +73,29 @@ def test_probe_allows_inplace_ops_after_it_and_records_every_backward():
     out.sum().backward(retain_graph=True)
     out.sum().backward()
     assert (probe.accumulated_grad_stats.grad_output.count == 2 * 16).all()
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_probe_on_a_leaf_reused_over_steps_records_each_backward_once(compiled):
+    """A probe right on a model input that requires grad, the same tensor every step: each
+    backward is recorded once (a hook on the leaf itself would pile up, one per forward)."""
+    torch.manual_seed(4)
+    probe = GradProbe(3)
+    model = nn.Sequential(probe, nn.Conv2d(3, 2, 1))
+    run = torch.compile(model, fullgraph=True, backend="aot_eager") if compiled else model
+    x = torch.randn(2, 3, 4, 4, requires_grad=True)
+    grads = []
+    for _ in range(3):
+        x.grad = None
+        out = run(x)
+        assert out.data_ptr() != x.data_ptr() and probe(x).data_ptr() == x.data_ptr()  # a view, no copy
+        (out * torch.randn_like(out)).sum().backward()
+        grads.append(x.grad.clone())
+    stats = probe.accumulated_grad_stats.grad_output
+    assert (stats.count == 3 * 32).all()
+    var, mean = torch.var_mean(torch.cat([g.double() for g in grads]), dim=(0, 2, 3), correction=0)
+    assert torch.allclose(stats.mean, mean, rtol=1e-6, atol=1e-12)
+    assert torch.allclose(stats.var, var, rtol=1e-5)
 
 
 def test_probe_checks_its_input_and_keeps_activation_statistics():

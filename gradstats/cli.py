@@ -14,18 +14,15 @@ def build_parser() -> argparse.ArgumentParser:
         description="Per-channel gradient statistics of BatchNorm networks, from a fused batch-norm backward.",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    p = commands.add_parser("demo", help="one training step of an instrumented ResNet, per-layer gradient table")
-    demo.add_arguments(p)
-    p.set_defaults(run=demo.run)
-    p = commands.add_parser("bench", help="time the fused op against PyTorch's backward (and --e2e, a training step)")
-    bench.add_arguments(p)
-    p.set_defaults(run=bench.main)
-    p = commands.add_parser("analyze", help="gradient variance per residual block for BN/skip ablations (arXiv 1812.00342)")
-    analysis.add_arguments(p)
-    p.set_defaults(run=analysis.main)
-    p = commands.add_parser("train", help="train a ResNet, logging gradient statistics; checkpoints, resume, torchrun")
-    train.add_arguments(p)
-    p.set_defaults(run=train.main)
+    for name, module, run, help in (
+        ("demo", demo, demo.run, "one training step of an instrumented ResNet, per-layer gradient table"),
+        ("bench", bench, bench.main, "time the fused op against PyTorch's backward (and --e2e, a training step)"),
+        ("analyze", analysis, analysis.main, "gradient variance per residual block for BN/skip ablations (arXiv 1812.00342)"),
+        ("train", train, train.main, "train a ResNet, logging gradient statistics; checkpoints, resume, torchrun"),
+    ):
+        p = commands.add_parser(name, help=help)
+        module.add_arguments(p)
+        p.set_defaults(run=run)
     return parser
 
 

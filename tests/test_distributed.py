@@ -132,6 +132,12 @@ def _stats_differ(actual, expected) -> bool:
     return not torch.allclose(a.grad_output.var, e.grad_output.var, rtol=1e-6, atol=0)
 
 
+def _accumulated(model):
+    """(names, accumulated statistics) of model's recorders, in the order the ranks report them."""
+    named = gradstats.batchnorms(model) + gradstats.probes(model)  # the order of _recorders
+    return [n for n, _ in named], [m.grad_stats_state[gradstats.stats.SLOT_ACCUMULATED] for _, m in named]
+
+
 def test_two_ranks_equal_one_process_per_rank_batchnorm(tmp_path):
     results = _spawn(tmp_path, sync=False)
     # One process: the two halves normalised separately, each loss halved (DDP's average).
@@ -139,8 +145,7 @@ def test_two_ranks_equal_one_process_per_rank_batchnorm(tmp_path):
     halves = lambda x, y: [(x[r * LOCAL_BATCH:(r + 1) * LOCAL_BATCH], y[r * LOCAL_BATCH:(r + 1) * LOCAL_BATCH],
                             1.0 / WORLD) for r in range(WORLD)]  # noqa: E731
     grads = _train(model, model, halves)
-    expected = [m.grad_stats_state[gradstats.stats.SLOT_ACCUMULATED] for m in _recorders(model)]
-    names = [n for n, _ in gradstats.batchnorms(model)] + [n for n, _ in gradstats.probes(model)]
+    names, expected = _accumulated(model)
     for rank, result in enumerate(results):
         ok = result["ignore=True"]
         _assert_grads(ok["grads"], grads, f"rank {rank} DDP gradients")
@@ -161,8 +166,7 @@ def test_two_ranks_sync_batchnorm_equal_one_process_on_global_batch(tmp_path):
     results = _spawn(tmp_path, sync=True)
     model = _model(sync=False)  # plain GradStatBatchNorm2d on all 2B samples
     grads = _train(model, model, lambda x, y: [(x, y, 1.0)])
-    expected = [m.grad_stats_state[gradstats.stats.SLOT_ACCUMULATED] for m in _recorders(model)]
-    names = [n for n, _ in gradstats.batchnorms(model)] + [n for n, _ in gradstats.probes(model)]
+    names, expected = _accumulated(model)
     for rank, result in enumerate(results):
         ok = result["ignore=True"]
         _assert_grads(ok["grads"], grads, f"rank {rank} SyncBN DDP gradients")

@@ -3,6 +3,8 @@ random inputs."""
 
 from __future__ import annotations
 
+import json
+import os
 import zlib
 
 import pytest
@@ -12,13 +14,14 @@ import gradstats
 
 CUDA = torch.cuda.is_available() and gradstats.cuda_kernels_built()
 
-DEVICES = [
-    "cpu",
-    pytest.param(
-        "cuda",
-        marks=[pytest.mark.cuda, pytest.mark.skipif(not CUDA, reason="needs a CUDA device and the CUDA build")],
-    ),
-]
+_SKIP_WITHOUT_CUDA = pytest.mark.skipif(not CUDA, reason="needs a CUDA device and the CUDA build")
+
+DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, _SKIP_WITHOUT_CUDA])]
+
+
+def needs_cuda(test):
+    """Marks a test that needs a CUDA device and gradstats' CUDA kernels (as DEVICES' "cuda")."""
+    return pytest.mark.cuda(_SKIP_WITHOUT_CUDA(test))
 
 FLOAT_DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 
@@ -97,3 +100,20 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def cli_error(argv, capsys) -> str:
+    """Runs `gradstats ARGV`, which must exit with status 2 (a usage or input error); returns
+    what it wrote to stderr."""
+    from gradstats.cli import main as cli_main
+
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main([str(a) for a in argv])
+    assert exit_info.value.code == 2
+    return capsys.readouterr().err
+
+
+def read_records(folder) -> list[dict]:
+    """The records of a `gradstats train` run: FOLDER/stats.jsonl, one JSON object per line."""
+    with open(os.path.join(folder, "stats.jsonl")) as f:
+        return [json.loads(line) for line in f]

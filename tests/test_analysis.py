@@ -20,6 +20,8 @@ from gradstats.analysis import AnalysisConfig, analyze_variant
 from gradstats.cli import main as cli_main
 from gradstats.data import load_dataset
 
+from conftest import cli_error
+
 
 @pytest.fixture(scope="module")
 def data():
@@ -168,8 +170,5 @@ def test_analyze_cli_json_plot_and_determinism(tmp_path, capsys):
     (["--data", "/no/such/folder"], "no such file or folder"),
 ])
 def test_analyze_cli_errors(argv, message, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        cli_main(["analyze", "--depth", "8", "--batches", "1", "--batch-size", "8"] + argv)
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err
+    err = cli_error(["analyze", "--depth", "8", "--batches", "1", "--batch-size", "8"] + argv, capsys)
     assert re.search(message, err), err

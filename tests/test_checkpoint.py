@@ -4,7 +4,6 @@ gradient statistics and the logged records equal those of an uninterrupted run).
 
 from __future__ import annotations
 
-import json
 import os
 
 import pytest
@@ -15,10 +14,10 @@ from gradstats.checkpoint import CheckpointError, load_checkpoint, save_checkpoi
 from gradstats.cli import main as cli_main
 from gradstats.stats import SLOT_ACCUMULATED
 
+from conftest import cli_error, read_records
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread(one_thread):
-    """Tiny models: see conftest.one_thread."""
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.one_thread
 
 
 def _state():
@@ -100,8 +99,7 @@ def _train(*argv):
 
 
 def _records(out):
-    with open(os.path.join(out, "stats.jsonl")) as f:
-        return [{k: v for k, v in json.loads(line).items() if k not in TIMING} for line in f]
+    return [{k: v for k, v in r.items() if k not in TIMING} for r in read_records(out)]
 
 
 @pytest.mark.parametrize("options", [["--augment"], ["--schedule", "step", "--dtype", "float64"]],
@@ -137,10 +135,7 @@ def test_resume_errors_name_the_option(tmp_path, capsys):
     capsys.readouterr()
 
     def error(*argv):
-        with pytest.raises(SystemExit) as exit:
-            cli_main(["train", *map(str, argv)])
-        assert exit.value.code == 2
-        return capsys.readouterr().err
+        return cli_error(["train", *argv], capsys)
 
     message = error("--out", out, *RUN)  # a new run would overwrite this one
     assert "--out" in message and "--resume" in message

@@ -10,7 +10,6 @@ so agreement is to 1e-10 relative."""
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -30,20 +29,17 @@ from gradstats.models import cifar_resnet
 from gradstats.stats import GradStats
 from gradstats.syncbn import GradStatSyncBatchNorm2d, convert_sync_batchnorm
 
-from conftest import assert_close_scaled
+from conftest import assert_close_scaled, read_records
 
 WORLD = 2
 LOCAL_BATCH = 4
 STEPS = 3
 TOL = 1e-10
 
-pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
-                                reason="needs torch.distributed with gloo")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread(one_thread):
-    """Tiny models: see conftest.one_thread."""
+pytestmark = [
+    pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed with gloo"),
+    pytest.mark.usefixtures("one_thread"),  # tiny models: see conftest.one_thread
+]
 
 
 def _model(sync: bool) -> torch.nn.Module:
@@ -187,11 +183,6 @@ def test_sync_batchnorm_without_process_group_is_gradstat_batchnorm():
     assert torch.equal(plain.running_var, sync.running_var)
 
 
-def _records(path):
-    with open(path) as f:
-        return [json.loads(line) for line in f]
-
-
 def test_torchrun_cli_sync_bn_matches_one_process(tmp_path):
     """`torchrun --nproc_per_node=2 -m gradstats train --sync-bn` logs what one process logs, also
     when it stops mid-interval and one process resumes it (its checkpoint holds both ranks'
@@ -209,7 +200,7 @@ def test_torchrun_cli_sync_bn_matches_one_process(tmp_path):
     assert sorted(os.listdir(two)) == ["checkpoint.pt", "stats.jsonl"]  # rank 0 wrote, nothing else
     assert load_checkpoint(str(two / "checkpoint.pt"))["world_size"] == 2
     assert cli_main(["train", "--out", str(two), "--resume", "--no-progress"]) == 0
-    a, b = _records(two / "stats.jsonl"), _records(one / "stats.jsonl")
+    a, b = read_records(two), read_records(one)
     assert [r["step"] for r in a] == [r["step"] for r in b] == [2, 4]
     for ra, rb in zip(a, b):  # step 2: two processes; step 4: steps 3 (two) and 4 (one)
         assert ra["samples"] == rb["samples"] == 64

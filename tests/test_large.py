@@ -18,6 +18,8 @@ import torch
 
 from gradstats.ops import bn_backward_stats, channel_moments
 
+from conftest import DEVICES
+
 pytestmark = pytest.mark.skipif(os.environ.get("GRADSTATS_RUN_SLOW") != "1",
                                 reason="needs ~13 GB; set GRADSTATS_RUN_SLOW=1")
 
@@ -36,8 +38,7 @@ def _large_inputs(device):
     return dy, x, tail
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="needs a CUDA device"))])
+@pytest.mark.parametrize("device", DEVICES)
 def test_more_than_2_31_elements(device):
     dy, x, tail = _large_inputs(device)
     m = NUMEL

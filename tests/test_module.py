@@ -8,10 +8,9 @@ import pytest
 import torch
 from torch import nn
 
-import gradstats
 from gradstats import GradStatBatchNorm2d, convert_batchnorm, plain_state_dict
 
-from conftest import DEVICES
+from conftest import DEVICES, needs_cuda
 
 
 class _Block(nn.Module):
@@ -275,7 +274,7 @@ def test_dtype_and_memory_format_moves_keep_statistics_exact():
     assert (m.accumulated_grad_stats.grad_output.count == 2 * 4 * 25).all()
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@needs_cuda
 def test_statistics_follow_the_module_to_cuda():
     m = GradStatBatchNorm2d(3).cuda()
     assert m.grad_stats_state.device.type == "cuda"
@@ -365,7 +364,3 @@ def test_gradcheck_through_the_module():
         assert torch.autograd.gradcheck(lambda t: m(t), (x,))
         m.momentum = momentum
 
-
-def test_public_api():
-    for name in ("GradStatBatchNorm2d", "convert_batchnorm", "GradStats", "ChannelStats", "bn_backward_stats"):
-        assert hasattr(gradstats, name)

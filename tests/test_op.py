@@ -8,7 +8,8 @@ import torch
 from gradstats.ops import bn_backward_stats
 from gradstats.reference import bn_backward_stats_reference
 
-from conftest import DEVICES, FLOAT_DTYPES, TOL, assert_close_scaled, make_bn_inputs, seed_for, subnormal_spacing
+from conftest import (DEVICES, FLOAT_DTYPES, TOL, assert_close_scaled, make_bn_inputs, needs_cuda, seed_for,
+                      subnormal_spacing)
 
 SHAPES = [
     (2, 5, 1, 1),     # N*H*W = 2: the smallest batch training allows
@@ -261,7 +262,7 @@ def test_one_value_per_channel_is_fine_in_eval():
     assert out[0].shape == (1, 3, 1, 1)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@needs_cuda
 def test_device_mismatch_names_the_argument():
     dy, x, w, m, i = _valid()
     with pytest.raises(ValueError, match="mean must be on input's device"):

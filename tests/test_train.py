@@ -18,13 +18,13 @@ from gradstats.cli import main as cli_main
 from gradstats.models import cifar_resnet
 from gradstats.trainer import augment
 
+from conftest import cli_error, read_records
+
 FAST = ["--depth", "8", "--no-progress", "--device", "cpu"]
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread(one_thread):
-    """Tiny models: see conftest.one_thread."""
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.one_thread
 
 
 @pytest.fixture(scope="module")
@@ -43,11 +43,6 @@ def tiny_folder(tmp_path_factory):
     return str(root)
 
 
-def _records(out):
-    with open(os.path.join(out, "stats.jsonl")) as f:
-        return [json.loads(line) for line in f]
-
-
 def test_cli_smoke_on_builtin_data(tmp_path):
     """`python -m gradstats train`, a few steps in seconds: every record parses and carries
     every BN layer and residual block, with the statistics of exactly its own interval."""
@@ -61,7 +56,7 @@ def test_cli_smoke_on_builtin_data(tmp_path):
     model = gradstats.instrument(cifar_resnet(8))
     bn_names = [n for n, _ in gradstats.batchnorms(model)]
     block_names = [n.removesuffix(".grad_probe") for n, _ in gradstats.probes(model)]
-    records = _records(out)
+    records = read_records(out)
     assert [r["step"] for r in records] == [2, 4, 6]
     for r in records:
         assert r["samples"] == 2 * 64 and 0 <= r["train_acc"] <= 1 and r["train_loss"] > 0
@@ -91,7 +86,7 @@ def test_evaluates_each_epoch_on_an_image_folder(tmp_path, tiny_folder):
         progress=False, tensorboard=False, device="cpu"), log=lambda *a: None)
     assert summary["data"].startswith("ImageFolder")
     assert [e["step"] for e in summary["eval"]] == [2, 4]
-    assert [r["step"] for r in _records(tmp_path)] == [3, 4]  # every 3 steps, and at the end
+    assert [r["step"] for r in read_records(tmp_path)] == [3, 4]  # every 3 steps, and at the end
     assert summary["steps_per_epoch"] == 2 and summary["epochs"] == 2
 
 
@@ -123,7 +118,7 @@ def test_no_host_synchronisation_inside_training_steps(tmp_path, monkeypatch):
         out=str(tmp_path), depth=8, batch_size=16, steps=5, log_every=2, augment=True,
         progress=False, tensorboard=False, device="cpu"), log=lambda *a: None)
     assert reads == []
-    assert len(_records(tmp_path)) == 3  # the logging steps did run (and read values)
+    assert len(read_records(tmp_path)) == 3  # the logging steps did run (and read values)
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -137,10 +132,7 @@ def test_no_host_synchronisation_inside_training_steps(tmp_path, monkeypatch):
     (["--device", "cuda:0"] if not torch.cuda.is_available() else ["--device", "nonsense"], "--device"),
 ])
 def test_bad_options_and_data_are_named(tmp_path, capsys, argv, message):
-    with pytest.raises(SystemExit) as exit:
-        cli_main(["train", "--out", str(tmp_path / "run"), "--depth", "8", "--no-progress", *argv])
-    assert exit.value.code == 2
-    assert message in capsys.readouterr().err
+    assert message in cli_error(["train", "--out", tmp_path / "run", "--depth", "8", "--no-progress", *argv], capsys)
 
 
 def test_malformed_cifar_folder_is_reported(tmp_path, capsys):
@@ -148,9 +140,8 @@ def test_malformed_cifar_folder_is_reported(tmp_path, capsys):
     data.mkdir()
     (data / "data_batch_1").write_bytes(b"not a pickle")
     (data / "test_batch").write_bytes(b"not a pickle")
-    with pytest.raises(SystemExit):
-        cli_main(["train", "--out", str(tmp_path / "run"), "--data", str(data), *FAST])
-    assert "not a CIFAR python-format batch" in capsys.readouterr().err
+    assert "not a CIFAR python-format batch" in cli_error(["train", "--out", tmp_path / "run", "--data", data, *FAST],
+                                                          capsys)
 
 
 def test_tensorboard_events_when_installed(tmp_path):
@@ -170,7 +161,7 @@ def test_torchvision_resnet18_is_instrumented(tmp_path, tiny_folder):
         out=str(tmp_path), data=tiny_folder, model="resnet18", batch_size=4, steps=1, log_every=1,
         progress=False, tensorboard=False, device="cpu"), log=lambda *a: None)
     assert len(summary["bn_layers"]) == 20 and len(summary["blocks"]) == 8
-    record = _records(tmp_path)[0]
+    record = read_records(tmp_path)[0]
     assert all(layer["count"] > 0 for layer in record["bn_layers"] + record["blocks"])
 
 

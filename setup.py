@@ -89,13 +89,14 @@ def _extensions():
     # -fopenmp: at::parallel_for is a header template that parallelises through OpenMP when
     # torch is built with it (as its Linux wheels are); without the flag it silently runs serial.
     # -Wno-psabi: 64-byte vector types in always-inlined kernel helpers (csrc/cpu/vec.h).
-    cxx = ["-O3", "-Wno-psabi"]
+    cxx = ["-O3"]
     link = []
     if _truthy("GRADSTATS_SANITIZE"):
         # AddressSanitizer + UndefinedBehaviorSanitizer build of the CPU code (scripts/sanitize.sh).
-        cxx = ["-O1", "-g", "-fno-omit-frame-pointer", "-Wno-psabi", "-fsanitize=address,undefined",
+        cxx = ["-O1", "-g", "-fno-omit-frame-pointer", "-fsanitize=address,undefined",
                "-fno-sanitize-recover=undefined"]
         link = ["-fsanitize=address,undefined"]
+    cxx.append("-Wno-psabi")
     if sys.platform.startswith("linux"):
         cxx.append("-fopenmp")
         link.append("-fopenmp")
@@ -104,7 +105,7 @@ def _extensions():
         sources += sorted(glob.glob("csrc/cuda/*.cpp") + glob.glob("csrc/cuda/*.cu"))
         ext = CUDAExtension(
             "gradstats._C", sources, py_limited_api=True,
-            extra_compile_args={"cxx": cxx + ["-DGRADSTATS_WITH_CUDA"], "nvcc": nvcc},
+            extra_compile_args={"cxx": cxx, "nvcc": nvcc},
             extra_link_args=link,
         )
     else:

@@ -42,9 +42,10 @@
 //                NaNs and infinities in dy flow into dx, grad_weight and grad_bias exactly as in
 //                PyTorch's backward.
 //
-// Precision: values accumulate in float32 (float64 for float64 storage) within chunks of at most
-// 8192 values per channel, shifted by a pivot taken from the data; chunks, threads and blocks are
-// Chan-merged in float64. Statistics describe dx as returned (after rounding to its dtype).
+// Precision: values accumulate in float32 (float64 for float64 storage) within chunks (CPU: at
+// most 8192 values per channel; CUDA: 256 per thread), shifted by a pivot taken from the data,
+// and are Chan-merged from there (CPU: in float64; CUDA: threads in the accumulation type,
+// blocks in float64). Statistics describe dx as returned (after rounding to its dtype).
 //
 // Cost: the passes over memory of PyTorch's own backward (train: read dy, x; read dy, x and write
 // dx. eval: one pass) and nothing more; statistics ride on them.
@@ -83,6 +84,14 @@ namespace {
 
 bool is_supported_float(at::ScalarType t) {
   return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
+}
+
+// The tensor an op reads its values from: a supported floating dtype, on this backend's device.
+void check_float_input(const char* op, const at::Tensor& input, c10::DeviceType device_type) {
+  TORCH_CHECK_TYPE(is_supported_float(input.scalar_type()), op,
+                   ": input must be float32, float64, float16 or bfloat16, got ", input.scalar_type());
+  TORCH_CHECK_VALUE(input.device().type() == device_type, op, ": input must be on a ",
+                    c10::DeviceTypeName(device_type, true), " device, got ", input.device());
 }
 
 ScalarKind scalar_kind(at::ScalarType t) {
@@ -139,13 +148,9 @@ PreparedBnBackward prepare_bn_backward(const at::Tensor& grad_output, const at::
                     input.dim(), "-D with shape ", input.sizes());
   TORCH_CHECK_VALUE(grad_output.sizes() == input.sizes(), "bn_backward_stats: grad_output must have input's shape ",
                     input.sizes(), ", got ", grad_output.sizes());
-  TORCH_CHECK_TYPE(is_supported_float(input.scalar_type()),
-                   "bn_backward_stats: input must be float32, float64, float16 or bfloat16, got ",
-                   input.scalar_type());
+  check_float_input("bn_backward_stats", input, device_type);
   TORCH_CHECK_TYPE(grad_output.scalar_type() == input.scalar_type(), "bn_backward_stats: grad_output must have input's dtype ",
                    input.scalar_type(), ", got ", grad_output.scalar_type());
-  TORCH_CHECK_VALUE(input.device().type() == device_type, "bn_backward_stats: input must be on a ",
-                    c10::DeviceTypeName(device_type, true), " device, got ", input.device());
   check_on_device(grad_output, "grad_output", input, device_type);
 
   const int64_t N = input.size(0), C = input.size(1), HW = input.size(2) * input.size(3);
@@ -160,8 +165,9 @@ PreparedBnBackward prepare_bn_backward(const at::Tensor& grad_output, const at::
 
   PreparedBnBackward p;
   const at::ScalarType acc = at::toOpMathType(input.scalar_type());
-  p.param_dtype = weight.has_value() && weight->defined() ? weight->scalar_type() : acc;
-  if (weight.has_value() && weight->defined()) {
+  const bool affine = weight.has_value() && weight->defined();
+  p.param_dtype = affine ? weight->scalar_type() : acc;
+  if (affine) {
     p.weight = per_channel_param(*weight, "weight", input, acc, device_type);
   }
   p.mean = per_channel_param(mean, "mean", input, acc, device_type);
@@ -208,11 +214,7 @@ PreparedMoments prepare_channel_moments(const at::Tensor& input, c10::DeviceType
   TORCH_CHECK_VALUE(input.dim() == 4 || input.dim() == 2,
                     "channel_moments: input must be a 4-D (N, C, H, W) or 2-D (N, C) tensor, got ",
                     input.dim(), "-D with shape ", input.sizes());
-  TORCH_CHECK_TYPE(is_supported_float(input.scalar_type()),
-                   "channel_moments: input must be float32, float64, float16 or bfloat16, got ",
-                   input.scalar_type());
-  TORCH_CHECK_VALUE(input.device().type() == device_type, "channel_moments: input must be on a ",
-                    c10::DeviceTypeName(device_type, true), " device, got ", input.device());
+  check_float_input("channel_moments", input, device_type);
   const at::Tensor x = input.dim() == 2 ? input.unsqueeze(2).unsqueeze(3) : input;
   const int64_t N = x.size(0), C = x.size(1), HW = x.size(2) * x.size(3);
   TORCH_CHECK_VALUE(C >= 1 && N * HW >= 1,
@@ -226,7 +228,9 @@ PreparedMoments prepare_channel_moments(const at::Tensor& input, c10::DeviceType
   pr = BnBackwardProblem{};
   pr.dtype = scalar_kind(input.scalar_type());
   pr.grad_output = p.input.const_data_ptr();
-  pr.input = pr.grad_output;  // read as x too by code shared with the backward; never used
+  // Nothing is computed from x here, but code shared with the backward may still load or
+  // prefetch it: point it at the same memory, so that costs no extra traffic.
+  pr.input = pr.grad_output;
   pr.N = N;
   pr.C = C;
   pr.HW = HW;

@@ -19,7 +19,7 @@ struct PreparedBnBackward {
   at::Tensor mean, invstd, weight;     // [C] contiguous, accumulation dtype; weight may be undefined
   at::Tensor grad_input;               // input's layout; a [0] tensor when not requested
   at::Tensor grad_weight, grad_bias;   // [C], accumulation dtype
-  at::Tensor stats;                    // [2, 3, C] float64
+  at::Tensor stats;                    // [2, 4, C] float64
   at::ScalarType param_dtype;          // dtype grad_weight and grad_bias are returned in
   BnBackwardProblem problem;
 };
@@ -36,7 +36,7 @@ PreparedBnBackward prepare_bn_backward(const at::Tensor& grad_output, const at::
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> finish_bn_backward(
     PreparedBnBackward& prepared);
 
-// gradstats::channel_moments after validation: the tensor to read and the [1, 3, C] output.
+// gradstats::channel_moments after validation: the tensor to read and the [1, 4, C] output.
 struct PreparedMoments {
   at::Tensor input;
   at::Tensor stats;

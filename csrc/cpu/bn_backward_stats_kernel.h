@@ -295,8 +295,12 @@ void nchw_task(const BnBackwardProblem& p, const Coeffs<acc_type_t<scalar_t>>& c
     const int64_t first = n * row_stride + i0;
     const int64_t chunk_n = n, chunk_i0 = i0;
     const int64_t samples = HW - i0;  // the rest of the first row
-    const acc_t p_dy = chunk_pivot<acc_t>(out.dy, samples, [&](int64_t i) { return IO::load1(dy + first + i); });
-    const acc_t p_dx = chunk_pivot<acc_t>(out.dx, samples, [&](int64_t i) {
+    // Only the pivots of the statistics this pass computes (an unused one feeds zero sums).
+    constexpr bool kPivotDy = pass_uses(P, kS1Dy), kPivotDx = pass_uses(P, kS1Dx);
+    const acc_t p_dy = !kPivotDy ? acc_t(0) : chunk_pivot<acc_t>(out.dy, samples, [&](int64_t i) {
+      return IO::load1(dy + first + i);
+    });
+    const acc_t p_dx = !kPivotDx ? acc_t(0) : chunk_pivot<acc_t>(out.dx, samples, [&](int64_t i) {
       return stored_grad_input<P>(dy[first + i], x[first + i], mean, scale, mean_dy, k);
     });
     const vec p_dy_v = vec{} + p_dy, p_dx_v = vec{} + p_dx;
@@ -627,36 +631,38 @@ void bn_backward_stats_typed(const BnBackwardProblem& p, ParallelFor parallel_fo
     }
     return;
   }
-  std::vector<double> sum_dy(C), sum_dy_xmu(C);
   for (int64_t c = 0; c < C; ++c) cf.mean[c] = mean[c];
-
-  // After the reduction of channel c: its sums, dy moments and the constants of dx.
-  auto finish_reduction = [&](int64_t c) {
-    const Partial total = merge_channel(partials, t.parts, C, c);
-    sum_dy[c] = total.sum_dy;
-    sum_dy_xmu[c] = total.sum_dy_xmu;
-    store_stats(p.stats, kGradOutput, C, c, total.dy, total.nonfinite_dy);
-    // In double, rounded once to acc_t.
+  acc_t* grad_weight = static_cast<acc_t*>(p.grad_weight);
+  acc_t* grad_bias = static_cast<acc_t*>(p.grad_bias);
+  // The constants of dx for channel c, in double, rounded once to acc_t (eval: sums unused).
+  auto set_coeffs = [&](int64_t c, double sum_dy, double sum_dy_xmu) {
     const GradInputCoeffs<double> g = grad_input_coeffs<double>(
-        p.train, m, sum_dy[c], sum_dy_xmu[c], mean[c], invstd[c], weight ? weight[c] : 1.0);
+        p.train, m, sum_dy, sum_dy_xmu, mean[c], invstd[c], weight ? weight[c] : 1.0);
     cf.scale[c] = static_cast<acc_t>(g.scale);
     cf.mean_dy[c] = static_cast<acc_t>(g.mean_dy);
     cf.k[c] = static_cast<acc_t>(g.k);
   };
-  auto finish_grad_input = [&](int64_t c) {
-    const Partial total = merge_channel(partials, t.parts, C, c);
+  // After the pass that reads dy, for channel c: dy statistics, dbias, dweight (and in train
+  // mode the constants of dx, which need the sums).
+  auto finish_reduction = [&](const Partial& total, int64_t c) {
+    store_stats(p.stats, kGradOutput, C, c, total.dy, total.nonfinite_dy);
+    grad_bias[c] = static_cast<acc_t>(total.sum_dy);
+    grad_weight[c] = static_cast<acc_t>(total.sum_dy_xmu * static_cast<double>(invstd[c]));
+    if (p.train) set_coeffs(c, total.sum_dy, total.sum_dy_xmu);
+  };
+  auto finish_grad_input = [&](const Partial& total, int64_t c) {
     store_stats(p.stats, kGradInput, C, c, total.dx, total.nonfinite_dx);
   };
+  auto merged = [&](int64_t c) { return merge_channel(partials, t.parts, C, c); };
 
   if (!p.train) {
     // Eval: dx = w * invstd * dy needs no reduction, so one pass does everything.
-    for (int64_t c = 0; c < C; ++c) {
-      cf.scale[c] = static_cast<acc_t>((weight ? weight[c] : 1.0) * static_cast<double>(invstd[c]));
-    }
+    for (int64_t c = 0; c < C; ++c) set_coeffs(c, 0.0, 0.0);
     run_pass<Pass::kEvalFused, kWrite, scalar_t>(p, t, cf, partials, parallel_for);
     for (int64_t c = 0; c < C; ++c) {
-      finish_reduction(c);
-      finish_grad_input(c);
+      const Partial total = merged(c);
+      finish_reduction(total, c);
+      finish_grad_input(total, c);
     }
   } else if (!p.channels_last && C >= kChannelTasksPerThread * num_threads) {
     parallel_for(C, 1, [&](int64_t begin, int64_t end) {
@@ -664,24 +670,18 @@ void bn_backward_stats_typed(const BnBackwardProblem& p, ParallelFor parallel_fo
         for (int64_t part = 0; part < t.parts; ++part) {
           run_unit<Pass::kReduceGradOutput, kWrite, scalar_t>(p, t, cf, part, c, partials);
         }
-        finish_reduction(c);
+        finish_reduction(merged(c), c);
         for (int64_t part = 0; part < t.parts; ++part) {
           run_unit<Pass::kGradInputTrain, kWrite, scalar_t>(p, t, cf, part, c, partials);
         }
-        finish_grad_input(c);
+        finish_grad_input(merged(c), c);
       }
     });
   } else {
     run_pass<Pass::kReduceGradOutput, kWrite, scalar_t>(p, t, cf, partials, parallel_for);
-    for (int64_t c = 0; c < C; ++c) finish_reduction(c);
+    for (int64_t c = 0; c < C; ++c) finish_reduction(merged(c), c);
     run_pass<Pass::kGradInputTrain, kWrite, scalar_t>(p, t, cf, partials, parallel_for);
-    for (int64_t c = 0; c < C; ++c) finish_grad_input(c);
-  }
-  acc_t* grad_weight = static_cast<acc_t*>(p.grad_weight);
-  acc_t* grad_bias = static_cast<acc_t*>(p.grad_bias);
-  for (int64_t c = 0; c < C; ++c) {
-    grad_bias[c] = static_cast<acc_t>(sum_dy[c]);
-    grad_weight[c] = static_cast<acc_t>(sum_dy_xmu[c] * static_cast<double>(invstd[c]));
+    for (int64_t c = 0; c < C; ++c) finish_grad_input(merged(c), c);
   }
 }
 

@@ -111,7 +111,9 @@ struct Io<double> : IoSame<double> {};
 // c10::Half. The baseline build (no F16C) keeps the portable form.
 GS_VEC_INLINE VecOf<float>::type widen_half(const vec16_half& h) {
 #if defined(__x86_64__) && GS_CPU_ISA_LEVEL >= 2
-  return bit_cast_vec<VecOf<float>::type>(_mm512_cvtph_ps(bit_cast_vec<__m256i>(h)));
+  // The zero-masked forms here and below: the same instructions (all lanes kept), without GCC
+  // 12's "may be used uninitialized" warning on the unmasked intrinsics' undefined operand.
+  return bit_cast_vec<VecOf<float>::type>(_mm512_maskz_cvtph_ps(0xFFFF, bit_cast_vec<__m256i>(h)));
 #elif defined(__x86_64__) && GS_CPU_ISA_LEVEL >= 1
   const __m256i bits = bit_cast_vec<__m256i>(h);
   const __m256 halves[2] = {_mm256_cvtph_ps(_mm256_castsi256_si128(bits)),
@@ -123,7 +125,7 @@ GS_VEC_INLINE VecOf<float>::type widen_half(const vec16_half& h) {
 }
 GS_VEC_INLINE vec16_half narrow_half(VecOf<float>::type v) {
 #if defined(__x86_64__) && GS_CPU_ISA_LEVEL >= 2
-  return bit_cast_vec<vec16_half>(_mm512_cvtps_ph(bit_cast_vec<__m512>(v), _MM_FROUND_TO_NEAREST_INT));
+  return bit_cast_vec<vec16_half>(_mm512_maskz_cvtps_ph(0xFFFF, bit_cast_vec<__m512>(v), _MM_FROUND_TO_NEAREST_INT));
 #elif defined(__x86_64__) && GS_CPU_ISA_LEVEL >= 1
   __m256 floats[2];
   std::memcpy(floats, &v, sizeof(v));

@@ -333,22 +333,13 @@ struct FinishArgs {
   void* coeffs;  // out (train, after the reduction): [3][C] scale, mean_dy, k in acc_t
   void* grad_weight;
   void* grad_bias;
-  double* stats;  // [2][3][C]
+  double* stats;  // [2][4][C]
 };
 
 __device__ __forceinline__ Partial merge_partial(const Partial& a, const Partial& b) {
   return {merge_moments(a.dy, b.dy), merge_moments(a.dx, b.dx), a.sum_dy + b.sum_dy,
           a.sum_dy_xmu + b.sum_dy_xmu, a.nonfinite_dy + b.nonfinite_dy,
           a.nonfinite_dx + b.nonfinite_dx};
-}
-
-__device__ __forceinline__ void store_moments(double* stats, int which, int64_t C, int64_t c,
-                                              const Moments<double>& m, double nonfinite) {
-  double* base = stats + static_cast<int64_t>(which) * kStatRows * C + c;
-  base[kCount * C] = m.n;
-  base[kMean * C] = m.mean;
-  base[kM2 * C] = m.m2;
-  base[kNonfinite * C] = nonfinite;
 }
 
 // What a finish kernel writes (bit flags): dy stats; grad_weight, grad_bias and the constants of
@@ -375,7 +366,7 @@ __global__ void __launch_bounds__(kThreads) finish_kernel(FinishArgs a) {
   }
   if (lane != 0) return;
   if (kWhat & kDyStats) {
-    store_moments(a.stats, kGradOutput, a.C, c, total.dy, total.nonfinite_dy);
+    store_stats(a.stats, kGradOutput, a.C, c, total.dy, total.nonfinite_dy);
   }
   if (kWhat & kGradsAndCoeffs) {
     const acc_t* mean = static_cast<const acc_t*>(a.mean);
@@ -395,7 +386,7 @@ __global__ void __launch_bounds__(kThreads) finish_kernel(FinishArgs a) {
     }
   }
   if (kWhat & kDxStats) {
-    store_moments(a.stats, kGradInput, a.C, c, total.dx, total.nonfinite_dx);
+    store_stats(a.stats, kGradInput, a.C, c, total.dx, total.nonfinite_dx);
   }
 }
 

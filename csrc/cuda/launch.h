@@ -23,7 +23,7 @@ size_t bn_backward_stats_workspace_bytes(const BnBackwardProblem& p, int num_sms
 cudaError_t launch_bn_backward_stats(const BnBackwardProblem& p, void* workspace, int num_sms,
                                      cudaStream_t stream);
 
-// Enqueues gradstats::record_grad_stats_: state [3][G][3][C], stats [G][3][C], float64.
+// Enqueues gradstats::record_grad_stats_: state [3][G][4][C], stats [G][4][C], float64.
 cudaError_t launch_record_grad_stats(double* state, const double* stats, long long gradients,
                                      long long channels, double ema_decay, cudaStream_t stream);
 

@@ -13,7 +13,7 @@ from . import __version__
 from .data import load_dataset
 from .distributed import resolve_device
 from .models import cifar_resnet
-from .nn import GradStatBatchNorm2d, convert_batchnorm
+from .nn import batchnorms, convert_batchnorm
 from .ops import cpu_capability, cuda_kernels_built
 
 
@@ -31,7 +31,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"gradstats {__version__}: CPU kernels {cpu_capability()}, "
           f"CUDA kernels {'built' if cuda_kernels_built() else 'not built'}; device {device}")
     model = convert_batchnorm(cifar_resnet(args.depth)).to(device)
-    layers = [(name, m) for name, m in model.named_modules() if isinstance(m, GradStatBatchNorm2d)]
+    layers = batchnorms(model)
     print(f"CIFAR ResNet-{args.depth}: {len(layers)} BatchNorm layers converted to GradStatBatchNorm2d")
 
     data = load_dataset("builtin", seed=args.seed)

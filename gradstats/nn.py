@@ -22,6 +22,11 @@ __all__ = [
 
 STATE_BUFFER = "grad_stats_state"
 
+
+def _is_state_key(name: str) -> bool:
+    """Whether a state_dict key or buffer name is a gradstats statistics buffer."""
+    return name == STATE_BUFFER or name.endswith("." + STATE_BUFFER)
+
 # Process-wide order of eager-mode recordings: each recording module notes the next number when
 # its backward runs, so first_nonfinite can walk the last backward in the order it executed.
 _backward_clock = itertools.count(1)
@@ -197,7 +202,9 @@ class GradStatBatchNorm2d(GradStatsRecorder, nn.BatchNorm2d):
         self._init_grad_stats(num_features, 2, grad_stats_ema_decay, device)
 
     # -- forward: nn.BatchNorm2d's, step for step ------------------------------------------
-    def forward(self, input: Tensor) -> Tensor:
+    def _start_forward(self, input: Tensor) -> float:
+        """Checks input, counts the batch (training) and returns the running statistics'
+        exponential average factor, as nn.BatchNorm2d.forward does."""
         self._check_input_dim(input)
         if input.size(1) != self.num_features:
             # aten::native_batch_norm, which the recording path calls, does not check this.
@@ -205,14 +212,15 @@ class GradStatBatchNorm2d(GradStatsRecorder, nn.BatchNorm2d):
                 f"{type(self).__name__}({self.num_features}): expected input with "
                 f"{self.num_features} channels (dim 1), got shape {tuple(input.shape)}"
             )
-        if self.momentum is None:
-            exponential_average_factor = 0.0
-        else:
-            exponential_average_factor = self.momentum
+        factor = 0.0 if self.momentum is None else self.momentum
         if self.training and self.track_running_stats and self.num_batches_tracked is not None:
             self.num_batches_tracked.add_(1)
             if self.momentum is None:  # cumulative moving average
-                exponential_average_factor = 1.0 / float(self.num_batches_tracked)
+                factor = 1.0 / float(self.num_batches_tracked)
+        return factor
+
+    def forward(self, input: Tensor) -> Tensor:
+        exponential_average_factor = self._start_forward(input)
         use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
         keep_running = not self.training or self.track_running_stats
         running_mean = self.running_mean if keep_running else None
@@ -317,12 +325,14 @@ def convert_batchnorm(module: nn.Module, *, grad_stats_ema_decay: float = 0.9) -
     return module
 
 
-def _converted(bn: nn.BatchNorm2d, ema_decay: float) -> GradStatBatchNorm2d:
+def _converted(bn: nn.BatchNorm2d, ema_decay: float, cls: type | None = None, **extra) -> GradStatBatchNorm2d:
+    """A ``cls`` (GradStatBatchNorm2d by default) sharing bn's parameters and buffers; ``extra``
+    goes to its constructor."""
     reference = bn.weight if bn.weight is not None else bn.running_mean
     device = reference.device if reference is not None else None
-    new = GradStatBatchNorm2d(bn.num_features, bn.eps, bn.momentum, bn.affine,
-                              bn.track_running_stats, device=device,
-                              grad_stats_ema_decay=ema_decay)
+    new = (cls or GradStatBatchNorm2d)(bn.num_features, bn.eps, bn.momentum, bn.affine,
+                                       bn.track_running_stats, device=device,
+                                       grad_stats_ema_decay=ema_decay, **extra)
     # Share, do not copy: same Parameters and buffers as the original layer.
     for name, param in bn._parameters.items():
         new._parameters[name] = param
@@ -338,8 +348,7 @@ def plain_state_dict(source: nn.Module | dict[str, Any]) -> dict[str, Any]:
     """A state_dict without gradstats' statistics buffers, loadable (strict=True) into the same
     model built with plain nn.BatchNorm2d layers."""
     state = source.state_dict() if isinstance(source, nn.Module) else source
-    suffix = "." + STATE_BUFFER
-    return {k: v for k, v in state.items() if not (k == STATE_BUFFER or k.endswith(suffix))}
+    return {k: v for k, v in state.items() if not _is_state_key(k)}
 
 
 # -- instrument: BN layers converted, probes at residual-block outputs ---------------------------
@@ -444,8 +453,7 @@ def first_nonfinite(model: nn.Module) -> NonfiniteSite | None:
 def gradstats_buffer_names(model: nn.Module) -> list[str]:
     """Fully qualified names of every gradstats statistics buffer in ``model``: what
     DistributedDataParallel must not broadcast from rank 0 (each rank records its own)."""
-    suffix = "." + STATE_BUFFER
-    return [name for name, _ in model.named_buffers() if name == STATE_BUFFER or name.endswith(suffix)]
+    return [name for name, _ in model.named_buffers() if _is_state_key(name)]
 
 
 def probes(model: nn.Module) -> list[tuple[str, GradProbe]]:

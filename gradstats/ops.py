@@ -26,10 +26,11 @@ except ImportError as error:  # pragma: no cover - exercised only on a broken in
     raise ImportError(f"gradstats' compiled extension (gradstats._C) could not be loaded: {error}. {_hint}") from error
 
 from .reference import bn_backward_formula
+from .stats import ROWS
 
 __all__ = ["bn_backward_stats", "channel_moments", "record_grad_stats_", "cuda_kernels_built", "cpu_capability"]
 
-STAT_ROWS = 4  # count (of finite values), mean, M2, nonfinite
+STAT_ROWS = ROWS  # count (of finite values), mean, M2, nonfinite
 
 
 def bn_backward_stats(
@@ -128,8 +129,10 @@ torch.library.register_autograd(
 
 # -- autograd of bn_backward_stats: the second derivative of batch norm ---------------------------
 # The kernel is exact, so its derivative is that of the reference formula; autograd differentiates
-# the formula (recomputed from the saved inputs) on demand. This makes double backward through
-# GradStatBatchNorm2d (create_graph=True) correct. The statistics output is not differentiable.
+# the formula (recomputed from the saved inputs) on demand, for double backward through the op
+# itself. (GradStatBatchNorm2d's create_graph=True path recomputes its forward with autograd
+# instead, since its saved mean and invstd are not connected to input: see nn.py.) The
+# statistics output is not differentiable.
 
 _DIFFERENTIABLE = (0, 1, 2, 3, 4)  # grad_output, input, weight, mean, invstd
 

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from . import ops
-from .nn import GradStatBatchNorm2d
+from .nn import GradStatBatchNorm2d, _converted
 from .stats import ROW_COUNT, ROW_M2, ROW_MEAN, merge_moments
 
 __all__ = ["GradStatSyncBatchNorm2d", "all_gather_stacked", "convert_sync_batchnorm"]
@@ -46,7 +46,7 @@ class _SyncBatchNormWithGradStats(torch.autograd.Function):
             running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
             unbiased = total[ROW_M2] / (count - 1).clamp_min(1)
             running_var.mul_(1 - momentum).add_(unbiased.to(running_var.dtype), alpha=momentum)
-        acc = torch.float64 if input.dtype == torch.float64 else torch.float32
+        acc = ops._accumulation_dtype(input.dtype)
         mean = mean.to(acc)
         invstd = torch.rsqrt(var + eps).to(acc)
         shape = (1, -1, 1, 1)
@@ -103,15 +103,7 @@ class GradStatSyncBatchNorm2d(GradStatBatchNorm2d):
         world_size = self._world_size() if self.training else 1
         if world_size == 1:
             return super().forward(input)
-        self._check_input_dim(input)
-        if input.size(1) != self.num_features:
-            raise RuntimeError(f"{type(self).__name__}({self.num_features}): expected input with "
-                               f"{self.num_features} channels (dim 1), got shape {tuple(input.shape)}")
-        factor = 0.0 if self.momentum is None else self.momentum
-        if self.track_running_stats and self.num_batches_tracked is not None:
-            self.num_batches_tracked.add_(1)
-            if self.momentum is None:  # cumulative moving average
-                factor = 1.0 / float(self.num_batches_tracked)
+        factor = self._start_forward(input)  # training here: world_size > 1 only in training
         running = self.track_running_stats and self.running_mean is not None
         return self._watch_backward(_SyncBatchNormWithGradStats.apply(
             input, self.weight, self.bias, self.running_mean if running else None,
@@ -126,19 +118,8 @@ def convert_sync_batchnorm(module: nn.Module, process_group=None, *,
     GradStatSyncBatchNorm2d sharing its parameters and buffers (statistics included); returns
     the module. Run it before gradstats.instrument, which then only adds the block probes."""
     if type(module) in (nn.BatchNorm2d, GradStatBatchNorm2d):
-        reference = module.weight if module.weight is not None else module.running_mean
-        new = GradStatSyncBatchNorm2d(
-            module.num_features, module.eps, module.momentum, module.affine,
-            module.track_running_stats, process_group,
-            device=reference.device if reference is not None else None,
-            grad_stats_ema_decay=getattr(module, "grad_stats_ema_decay", grad_stats_ema_decay),
-        )
-        for name, param in module._parameters.items():
-            new._parameters[name] = param
-        for name, buf in module._buffers.items():
-            new._buffers[name] = buf
-        new.train(module.training)
-        return new
+        return _converted(module, getattr(module, "grad_stats_ema_decay", grad_stats_ema_decay),
+                          GradStatSyncBatchNorm2d, process_group=process_group)
     for name, child in module.named_children():
         converted = convert_sync_batchnorm(child, process_group, grad_stats_ema_decay=grad_stats_ema_decay)
         if converted is not child:

@@ -20,7 +20,7 @@ from torch.autograd.function import once_differentiable
 
 from . import ops
 from .nn import GradStatBatchNorm2d, _converted
-from .stats import ROW_COUNT, ROW_M2, ROW_MEAN, merge_moments
+from .stats import ROW_COUNT, ROW_M2, ROW_MEAN, ROW_NONFINITE, merge_moments
 
 __all__ = ["GradStatSyncBatchNorm2d", "all_gather_stacked", "convert_sync_batchnorm"]
 
@@ -40,11 +40,16 @@ class _SyncBatchNormWithGradStats(torch.autograd.Function):
         local = ops.channel_moments(input.detach())  # [rows, C] float64: this rank's moments
         gathered = all_gather_stacked(local, world_size, group)
         total = merge_moments(list(gathered.unbind(0)))
-        count, mean = total[ROW_COUNT], total[ROW_MEAN]
-        var = total[ROW_M2] / count
+        # channel_moments describes finite values only; a batch statistic over a channel holding
+        # NaN or an infinity is NaN, as nn.SyncBatchNorm's is (the output of that channel too).
+        poisoned = total[ROW_NONFINITE] > 0
+        count = total[ROW_COUNT] + total[ROW_NONFINITE]
+        mean = total[ROW_MEAN].masked_fill(poisoned, float("nan"))
+        m2 = total[ROW_M2].masked_fill(poisoned, float("nan"))
+        var = m2 / count
         if running_mean is not None:  # nn.SyncBatchNorm's update: unbiased global variance
             running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
-            unbiased = total[ROW_M2] / (count - 1).clamp_min(1)
+            unbiased = m2 / (count - 1).clamp_min(1)
             running_var.mul_(1 - momentum).add_(unbiased.to(running_var.dtype), alpha=momentum)
         acc = ops._accumulation_dtype(input.dtype)
         mean = mean.to(acc)

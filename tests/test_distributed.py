@@ -183,6 +183,29 @@ def test_sync_batchnorm_without_process_group_is_gradstat_batchnorm():
     assert torch.equal(plain.running_var, sync.running_var)
 
 
+def test_sync_batchnorm_forward_with_nonfinite_input_is_nan_like_batchnorm(tmp_path):
+    """The synchronised forward (run here in a one-process group) gives a channel that holds NaN
+    or an infinity NaN statistics and output, as nn.BatchNorm2d does; clean channels match it."""
+    from gradstats.syncbn import _SyncBatchNormWithGradStats
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        torch.manual_seed(1)
+        x = torch.randn(4, 3, 5, 5, dtype=torch.float64)
+        x[1, 0, 2, 2] = float("inf")
+        x[0, 2, 0, 0] = float("nan")
+        sync, plain = GradStatSyncBatchNorm2d(3).double(), torch.nn.BatchNorm2d(3).double()
+        out = _SyncBatchNormWithGradStats.apply(x, sync.weight, sync.bias, sync.running_mean, sync.running_var,
+                                                sync.grad_stats_state, 0.1, sync.eps, 0.9, None, 1)
+        expected = plain(x)
+        assert out[:, [0, 2]].isnan().all() and expected[:, [0, 2]].isnan().all()
+        torch.testing.assert_close(out[:, 1], expected[:, 1], rtol=1e-12, atol=1e-12)
+        assert sync.running_mean[[0, 2]].isnan().all() and sync.running_var[[0, 2]].isnan().all()
+        torch.testing.assert_close(sync.running_var[1], plain.running_var[1], rtol=1e-12, atol=0)
+    finally:
+        dist.destroy_process_group()
+
+
 def test_torchrun_cli_sync_bn_matches_one_process(tmp_path):
     """`torchrun --nproc_per_node=2 -m gradstats train --sync-bn` logs what one process logs, also
     when it stops mid-interval and one process resumes it (its checkpoint holds both ranks'

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import statistics
 import time
 from dataclasses import dataclass
@@ -22,7 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .data import ImageData, load_dataset
-from .distributed import resolve_device
+from .distributed import check_min, resolve_device
+from .logs import finite
 from .models import VARIANTS, cifar_resnet_variant
 from .nn import batchnorms, instrument, probes
 
@@ -79,6 +79,7 @@ def measure(model: nn.Module, data: ImageData, config: AnalysisConfig, generator
     block_probes = probes(model)
     for _, module in block_probes + batchnorms(model):
         module.reset_grad_stats()
+    # Summed on the device (float64, the same arithmetic as in Python floats), read once after.
     act_var = [0.0] * len(block_probes)
     act_mean = [0.0] * len(block_probes)
     model.train()
@@ -87,9 +88,10 @@ def measure(model: nn.Module, data: ImageData, config: AnalysisConfig, generator
         F.cross_entropy(model(images), labels).backward()
         for i, (_, probe) in enumerate(block_probes):
             act = probe.last_activation_stats
-            act_var[i] += act.var.mean().item() / config.batches
-            act_mean[i] += act.mean.mean().item() / config.batches
+            act_var[i] = act_var[i] + act.var.mean() / config.batches
+            act_mean[i] = act_mean[i] + act.mean.mean() / config.batches
     model.zero_grad(set_to_none=True)
+    act_var, act_mean = [float(v) for v in act_var], [float(v) for v in act_mean]
 
     stages = _stage_of(model)
     blocks = []
@@ -258,16 +260,6 @@ def plot(result: dict, path: str) -> None:
     plt.close(fig)
 
 
-def _finite(x):
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    if isinstance(x, dict):
-        return {k: _finite(v) for k, v in x.items()}
-    if isinstance(x, list):
-        return [_finite(v) for v in x]
-    return x
-
-
 # -- command line ---------------------------------------------------------------------------------
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -289,11 +281,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> AnalysisConfig:
-    for name in ("batch_size", "batches", "width"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-    if args.steps < 0:
-        raise ValueError(f"--steps must be >= 0, got {args.steps}")
+    check_min(args, ("batch_size", "batches", "width"), 1)
+    check_min(args, ("steps",), 0)
     return AnalysisConfig(depth=args.depth, variants=parse_variants(args.variants), preact=args.preact,
                           batch_size=args.batch_size, batches=args.batches, width=args.width,
                           steps=args.steps, lr=args.lr, data=args.data, device=str(resolve_device(args.device)),
@@ -306,7 +295,7 @@ def main(args: argparse.Namespace) -> int:
     print(format_report(result))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(_finite(result), f, indent=1)
+            json.dump(finite(result), f, indent=1)
         print(f"\nwrote {args.json}")
     if args.plot:
         plot(result, args.plot)

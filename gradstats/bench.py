@@ -39,7 +39,7 @@ from typing import Callable
 
 import torch
 
-from .distributed import resolve_device
+from .distributed import check_min, resolve_device
 from .ops import bn_backward_stats, cpu_capability
 
 # BN layers (N, C, H, W) of a CIFAR ResNet-56 at batch 128: 16, 32 and 64 channels at 32, 16, 8 px.
@@ -302,10 +302,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
-    if args.repeats < 1:
-        raise ValueError(f"--repeats must be at least 1, got {args.repeats}")
-    if args.steps < 1:
-        raise ValueError(f"--steps must be at least 1, got {args.steps}")
+    check_min(args, ("repeats", "steps"), 1)
     if device.type == "cpu":
         steady_allocator()
     if args.e2e:

@@ -46,6 +46,16 @@ class DistContext:
         return self.rank == 0
 
 
+def check_min(options, names, minimum: int) -> None:
+    """ValueError naming the option if any of ``names`` (attributes of ``options``) is below
+    ``minimum``."""
+    for name in names:
+        value = getattr(options, name)
+        if value < minimum:
+            bound = ">= 0" if minimum == 0 else f"at least {minimum}"
+            raise ValueError(f"--{name.replace('_', '-')} must be {bound}, got {value}")
+
+
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     """'auto' is CUDA when available, else CPU; a bare 'cuda' becomes this process's GPU."""
     if name == "auto":
@@ -142,7 +152,7 @@ def gather_stats(modules: list[GradStatsRecorder], extra: Tensor, ctx: DistConte
     merged = []
     for per_rank in slots:
         if ctx.world_size == 1:
-            merged.append(per_rank[0].clone())
+            merged.append(per_rank[0])  # a view of the fresh gathered tensor, not of module state
             continue
         merged.append(scale_moments(merge_moments(list(per_rank.unbind(0))), 1.0 / ctx.world_size))
     return merged, extras.sum(0)

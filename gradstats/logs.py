@@ -20,7 +20,6 @@ import math
 import os
 from typing import Any
 
-import torch
 from torch import Tensor
 
 from .stats import ChannelStats, GradStats
@@ -36,7 +35,7 @@ def _channels(c: ChannelStats, prefix: str) -> dict[str, Any]:
         f"{prefix}var": var.nanmean().item(),
         f"{prefix}var_min": finite.min().item() if finite.numel() else None,
         f"{prefix}var_max": finite.max().item() if finite.numel() else None,
-        f"{prefix}nonfinite": int(torch.as_tensor(c.nonfinite).sum().item()),
+        f"{prefix}nonfinite": int(c.nonfinite.sum().item()),
     }
 
 
@@ -47,7 +46,7 @@ def layer_record(name: str, merged: Tensor) -> dict[str, Any]:
     stats = GradStats.from_slot(merged)
     if stats is None:  # the module saw no backward in this interval
         return record
-    record["count"] = int(torch.as_tensor(stats.grad_output.count).max().item())
+    record["count"] = int(stats.grad_output.count.max().item())
     if merged.shape[0] == 1:
         record.update(_channels(stats.grad_output, "grad_"))
     else:

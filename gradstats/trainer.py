@@ -71,12 +71,8 @@ class TrainConfig:
             raise ValueError(f"--schedule {self.schedule!r}: choose cosine or step")
         if self.dtype not in DTYPES:
             raise ValueError(f"--dtype {self.dtype!r}: choose from {', '.join(DTYPES)}")
-        for name in ("epochs", "batch_size", "log_every", "eval_batch_size", "width"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        for name in ("steps", "checkpoint_every", "stop_at", "lr", "momentum", "weight_decay", "gamma"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        distributed.check_min(self, ("epochs", "batch_size", "log_every", "eval_batch_size", "width"), 1)
+        distributed.check_min(self, ("steps", "checkpoint_every", "stop_at", "lr", "momentum", "weight_decay", "gamma"), 0)
         if not all(0 < m < 1 for m in self.milestones):
             raise ValueError(f"--milestones must be fractions of the run in (0, 1), got {self.milestones}")
 
@@ -157,9 +153,10 @@ class Trainer:
 
         torch.manual_seed(config.seed)
         self.model = build_model(config, data.num_classes).to(self.device, self.dtype)
-        self.recorders = [(name, m) for name, m in batchnorms(self.model)] + \
-                         [(name.removesuffix(".grad_probe"), m) for name, m in probes(self.model)]
-        self.n_bn = len(batchnorms(self.model))
+        bns = batchnorms(self.model)
+        self.n_bn = len(bns)
+        self.recorders = bns + [(name.removesuffix(".grad_probe"), m) for name, m in probes(self.model)]
+        self.recorder_modules = [m for _, m in self.recorders]
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=config.lr, momentum=config.momentum,
                                          weight_decay=config.weight_decay)
         self.schedule = build_schedule(self.optimizer, config, self.total_steps)
@@ -176,7 +173,7 @@ class Trainer:
 
     # -- checkpoints -------------------------------------------------------------------------------
     def _state(self) -> dict[str, Any]:
-        cuda = [s for s in torch.cuda.get_rng_state_all()] if torch.cuda.is_initialized() else []
+        cuda = list(torch.cuda.get_rng_state_all()) if torch.cuda.is_initialized() else []
         return {
             "format": "gradstats-train", "step": self.step, "config": asdict(self.config),
             "world_size": self.ctx.world_size, "model": self.model.state_dict(),
@@ -203,7 +200,7 @@ class Trainer:
                 m.reset_grad_stats()
             self.window.zero_()
         saved_world = int(state["world_size"])
-        distributed.resume_units([m for _, m in self.recorders], saved_world, self.ctx)
+        distributed.resume_units(self.recorder_modules, saved_world, self.ctx)
         if saved_world != self.ctx.world_size and not self.config.sync_bn:
             self.log(f"note: the checkpoint was written by {saved_world} process(es), this run has "
                      f"{self.ctx.world_size}: each BatchNorm layer now normalises over "
@@ -211,7 +208,7 @@ class Trainer:
                      f"(--sync-bn normalises over the global batch whatever the number)")
 
     def checkpoint(self) -> None:
-        distributed.consolidate([m for _, m in self.recorders], self.window, self.ctx)
+        distributed.consolidate(self.recorder_modules, self.window, self.ctx)
         if self.ctx.is_main:
             started = time.perf_counter()
             self.history["elapsed_s"] = self.elapsed()
@@ -255,7 +252,7 @@ class Trainer:
     def record(self) -> dict[str, Any] | None:
         """Merged statistics of the interval since the last record (all ranks, one collective),
         then reset; rank 0 writes the record and returns it."""
-        merged, totals = distributed.gather_stats([m for _, m in self.recorders], self.window, self.ctx)
+        merged, totals = distributed.gather_stats(self.recorder_modules, self.window, self.ctx)
         for _, m in self.recorders:
             m.reset_grad_stats()
         self.window.zero_()

@@ -105,6 +105,10 @@ class Row:
         return self.bytes / self.native_ms / 1e6
 
     @property
+    def fused_pct_copy(self) -> float:
+        return 100 * self.fused_gbps / self.copy_gbps
+
+    @property
     def fused_vs_native(self) -> float:
         return self.fused_ms / self.native_ms
 
@@ -116,7 +120,7 @@ class Row:
         d = asdict(self)
         d["shape"] = list(self.shape)
         d.update(fused_gbps=self.fused_gbps, native_gbps=self.native_gbps,
-                 fused_pct_copy=100 * self.fused_gbps / self.copy_gbps,
+                 fused_pct_copy=self.fused_pct_copy,
                  fused_vs_native=self.fused_vs_native, unfused_vs_fused=self.unfused_vs_fused)
         return d
 
@@ -162,8 +166,12 @@ def time_interleaved(fns: list[Callable[[], object]], repeats: int, device: torc
             times[i].append(timer(fns[i]))
     out = []
     for t in times:
-        q = statistics.quantiles(t, n=4) if len(t) >= 4 else [min(t), 0, max(t)]
-        out.append((statistics.median(t), q[2] - q[0]))
+        if len(t) >= 4:
+            q1, _, q3 = statistics.quantiles(t, n=4)
+            spread = q3 - q1
+        else:  # too few rounds for quartiles: the whole range
+            spread = max(t) - min(t)
+        out.append((statistics.median(t), spread))
     return out
 
 
@@ -271,7 +279,7 @@ def format_row(row: Row) -> str:
     fused = f"{row.fused_ms:.3f}+-{row.fused_iqr_ms / 2:.3f}"
     native = f"{row.native_ms:.3f}+-{row.native_iqr_ms / 2:.3f}"
     return (f"{shape:<20} {row.dtype:<9} {row.layout:<13} {fused:>16} {native:>16} {row.unfused_ms:>11.3f} "
-            f"{row.fused_gbps:>7.1f} {100 * row.fused_gbps / row.copy_gbps:>5.0f}% {row.fused_vs_native:>12.3f} "
+            f"{row.fused_gbps:>7.1f} {row.fused_pct_copy:>5.0f}% {row.fused_vs_native:>12.3f} "
             f"{row.unfused_vs_fused:>13.2f}")
 
 
@@ -316,7 +324,8 @@ def main(args: argparse.Namespace) -> int:
     layouts = [False, True] if args.both_layouts else [args.channels_last]
     dtype = DTYPES[args.dtype]
     copy = copy_bandwidth(device)
-    print(f"{machine_description(device)}; copy bandwidth {copy:.1f} GB/s")
+    machine = machine_description(device)
+    print(f"{machine}; copy bandwidth {copy:.1f} GB/s")
     print(HEADER)
     configs = [(s, cl) for s in shapes for cl in layouts]
     rows = []
@@ -340,13 +349,13 @@ def main(args: argparse.Namespace) -> int:
     summary = {
         "fused_vs_native_geomean": geometric_mean([r.fused_vs_native for r in rows]),
         "unfused_vs_fused_geomean": geometric_mean([r.unfused_vs_fused for r in rows]),
-        "fused_pct_copy_geomean": geometric_mean([100 * r.fused_gbps / r.copy_gbps for r in rows]),
+        "fused_pct_copy_geomean": geometric_mean([r.fused_pct_copy for r in rows]),
     }
     print(f"geometric mean over {len(rows)} configurations: fused/native {summary['fused_vs_native_geomean']:.3f}, "
           f"unfused/fused {summary['unfused_vs_fused_geomean']:.2f}, fused at {summary['fused_pct_copy_geomean']:.0f}% "
           f"of copy bandwidth")
     if args.json:
-        payload = {"machine": machine_description(device), "commit": git_commit(),
+        payload = {"machine": machine, "commit": git_commit(),
                    "date": time.strftime("%Y-%m-%d"), "copy_gbps": copy, "repeats": args.repeats,
                    "rows": [r.as_dict() for r in rows], "summary": summary}
         with open(args.json, "w") as f:

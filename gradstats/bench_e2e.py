@@ -80,7 +80,8 @@ def run_e2e(device: torch.device, steps: int, json_path: str | None = None) -> i
         return step
 
     names = list(models)
-    print(f"{machine_description(device)}")
+    machine = machine_description(device)
+    print(machine)
     print(f"one training step of a CIFAR ResNet-{DEPTH}, batch {BATCH}, median of {steps} steps per variant")
     start = time.perf_counter()
     timings = time_interleaved([step_fn(n) for n in names], steps, device, warmup=2)
@@ -94,7 +95,7 @@ def run_e2e(device: torch.device, steps: int, json_path: str | None = None) -> i
     print(f"({time.perf_counter() - start:.0f} s)")
     if json_path:
         with open(json_path, "w") as f:
-            json.dump({"machine": machine_description(device), "commit": git_commit(),
+            json.dump({"machine": machine, "commit": git_commit(),
                        "date": time.strftime("%Y-%m-%d"), "depth": DEPTH, "batch": BATCH, "steps": steps,
                        "results": results}, f, indent=1)
         print(f"wrote {json_path}")

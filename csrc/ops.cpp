@@ -223,7 +223,8 @@ PreparedMoments prepare_channel_moments(const at::Tensor& input, c10::DeviceType
   PreparedMoments p;
   bool channels_last;
   std::tie(p.input, channels_last) = readable_layout(x, HW);
-  p.stats = at::empty({1, kStatRows, C}, input.options().dtype(at::kDouble));
+  // [kStatRows, C]: the layout of the grad_output block (which = 0) of a backward's stats.
+  p.stats = at::empty({kStatRows, C}, input.options().dtype(at::kDouble));
   BnBackwardProblem& pr = p.problem;
   pr = BnBackwardProblem{};
   pr.dtype = scalar_kind(input.scalar_type());

@@ -36,7 +36,7 @@ PreparedBnBackward prepare_bn_backward(const at::Tensor& grad_output, const at::
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> finish_bn_backward(
     PreparedBnBackward& prepared);
 
-// gradstats::channel_moments after validation: the tensor to read and the [1, 4, C] output.
+// gradstats::channel_moments after validation: the tensor to read and the [4, C] output.
 struct PreparedMoments {
   at::Tensor input;
   at::Tensor stats;

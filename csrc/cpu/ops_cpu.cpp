@@ -73,7 +73,7 @@ void record_grad_stats_cpu(const at::Tensor& state, const at::Tensor& stats, dou
 at::Tensor channel_moments_cpu(const at::Tensor& input) {
   PreparedMoments p = prepare_channel_moments(input, c10::DeviceType::CPU);
   kernel().fn(p.problem, &aten_parallel_for, at::get_num_threads());
-  return p.stats[0];
+  return p.stats;
 }
 
 std::string cpu_capability() {

@@ -59,7 +59,7 @@ at::Tensor channel_moments_cuda(const at::Tensor& input) {
   c10::cuda::CUDAGuard guard(input.device());
   PreparedMoments p = prepare_channel_moments(input, c10::DeviceType::CUDA);
   launch(p.problem, input, "channel_moments");
-  return p.stats[0];
+  return p.stats;
 }
 
 void record_grad_stats_cuda(const at::Tensor& state, const at::Tensor& stats, double ema_decay) {

@@ -19,18 +19,11 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from . import ops
+from .distributed import all_gather_stacked
 from .nn import GradStatBatchNorm2d, _converted
 from .stats import ROW_COUNT, ROW_M2, ROW_MEAN, ROW_NONFINITE, merge_moments
 
-__all__ = ["GradStatSyncBatchNorm2d", "all_gather_stacked", "convert_sync_batchnorm"]
-
-
-def all_gather_stacked(input: Tensor, world_size: int, group=None) -> Tensor:
-    """Every rank's ``input`` stacked: [world_size, *input.shape], in one collective."""
-    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # torch < 2.14
-    output = input.new_empty(world_size * input.numel())  # gloo takes the concatenated form only
-    gather(output, input.contiguous().reshape(-1), group=group)
-    return output.view(world_size, *input.shape)
+__all__ = ["GradStatSyncBatchNorm2d", "convert_sync_batchnorm"]
 
 
 class _SyncBatchNormWithGradStats(torch.autograd.Function):

@@ -105,7 +105,7 @@ def one_thread():
 def cli_error(argv, capsys) -> str:
     """Runs `gradstats ARGV`, which must exit with status 2 (a usage or input error); returns
     what it wrote to stderr."""
-    from gradstats.cli import main as cli_main
+    from gradstats.tools.cli import main as cli_main
 
     with pytest.raises(SystemExit) as exit_info:
         cli_main([str(a) for a in argv])

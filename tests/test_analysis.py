@@ -16,9 +16,9 @@ import torch
 from torch import nn
 
 import gradstats
-from gradstats.analysis import AnalysisConfig, analyze_variant
-from gradstats.cli import main as cli_main
-from gradstats.data import load_dataset
+from gradstats.tools.analyze import AnalysisConfig, analyze_variant
+from gradstats.tools.cli import main as cli_main
+from gradstats.tools.data import load_dataset
 
 from conftest import cli_error
 

@@ -13,9 +13,9 @@ import torch
 import torch.nn.functional as F
 
 from gradstats import batchnorms
-from gradstats.bench import HEADER, PRESETS, bench_shape
-from gradstats.bench_e2e import _variants
-from gradstats.cli import main as cli_main
+from gradstats.tools.bench.op import HEADER, PRESETS, bench_shape
+from gradstats.tools.bench.step import _variants
+from gradstats.tools.cli import main as cli_main
 
 from conftest import cli_error
 

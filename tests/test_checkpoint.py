@@ -9,9 +9,9 @@ import os
 import pytest
 import torch
 
-from gradstats import checkpoint
-from gradstats.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from gradstats.cli import main as cli_main
+from gradstats.tools import checkpoint
+from gradstats.tools.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from gradstats.tools.cli import main as cli_main
 from gradstats.stats import SLOT_ACCUMULATED
 
 from conftest import cli_error, read_records

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from gradstats.data import DataError, load_dataset
+from gradstats.tools.data import DataError, load_dataset
 
 
 def test_builtin_digits():

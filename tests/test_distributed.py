@@ -23,8 +23,9 @@ from torch.nn.parallel import DistributedDataParallel
 
 import gradstats
 from gradstats import distributed
-from gradstats.checkpoint import load_checkpoint
-from gradstats.cli import main as cli_main
+from gradstats.tools import launch
+from gradstats.tools.checkpoint import load_checkpoint
+from gradstats.tools.cli import main as cli_main
 from gradstats.models import cifar_resnet
 from gradstats.stats import GradStats
 from gradstats.syncbn import GradStatSyncBatchNorm2d, convert_sync_batchnorm
@@ -80,23 +81,23 @@ def _worker(rank: int, store: str, out: str, sync: bool) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
     try:
-        ctx = distributed.setup("cpu")
+        ctx = launch.setup("cpu")
         assert (ctx.rank, ctx.world_size) == (rank, WORLD)
         mine = slice(rank * LOCAL_BATCH, (rank + 1) * LOCAL_BATCH)
         result = {}
         for ignore in (True, False) if not sync else (True,):
             model = _model(sync)
-            net = distributed.wrap_ddp(model, ctx) if ignore else DistributedDataParallel(model)
+            net = launch.wrap_ddp(model, ctx) if ignore else DistributedDataParallel(model)
             grads = _train(net, model, lambda x, y: [(x[mine], y[mine], 1.0)])
             modules = _recorders(model)
             window = torch.zeros(2, dtype=torch.float64)
-            merged, _ = distributed.gather_stats(modules, window, ctx)
+            merged, _ = distributed.gather_stats(modules, window)
             result[f"ignore={ignore}"] = {"grads": grads, "merged": merged}
             if ignore:  # a checkpoint's consolidation must not change what is merged later
                 window += torch.tensor([1.0, rank + 1.0], dtype=torch.float64)
-                distributed.consolidate(modules, window, ctx)
+                distributed.consolidate(modules, window)
                 result["window"] = window.clone()
-                result["after_consolidate"] = distributed.gather_stats(modules, window, ctx)[0]
+                result["after_consolidate"] = distributed.gather_stats(modules, window)[0]
         torch.save(result, os.path.join(out, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()

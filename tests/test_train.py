@@ -13,10 +13,10 @@ import pytest
 import torch
 
 import gradstats
-from gradstats import trainer
-from gradstats.cli import main as cli_main
+from gradstats.tools import trainer
+from gradstats.tools.cli import main as cli_main
 from gradstats.models import cifar_resnet
-from gradstats.trainer import augment
+from gradstats.tools.trainer import augment
 
 from conftest import cli_error, read_records
 

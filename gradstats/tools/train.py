@@ -1,4 +1,4 @@
-"""`gradstats train`: the command line of a training run (gradstats.trainer) that logs gradient
+"""`gradstats train`: the command line of a training run (trainer.py) that logs gradient
 statistics every K steps, with checkpoints, --resume and torchrun (docs/train.md).
 
     gradstats train --out OUT [--data builtin|PATH] [--model cifar_resnet|resnet18|...] ...
@@ -12,7 +12,7 @@ import os
 from dataclasses import fields
 
 from .checkpoint import CheckpointError, load_checkpoint
-from .models import VARIANTS
+from ..models import VARIANTS
 from .trainer import CHECKPOINT, DTYPES, TORCHVISION_MODELS, TrainConfig, train
 
 # What defines a run: --resume refuses values different from the checkpoint's (other options may

@@ -21,10 +21,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from .data import ImageData, load_dataset
-from .distributed import check_min, resolve_device
+from .options import check_min, resolve_device
 from .logs import finite
-from .models import VARIANTS, cifar_resnet_variant
-from .nn import batchnorms, instrument, probes
+from ..models import VARIANTS, cifar_resnet_variant
+from ..nn import batchnorms, instrument, probes
 
 MAIN_VARIANTS = ["bn_skip", "bn", "skip", "plain"]
 

@@ -22,7 +22,7 @@ from typing import Any
 
 from torch import Tensor
 
-from .stats import ChannelStats, GradStats
+from ..stats import ChannelStats, GradStats
 
 STATS_FILE = "stats.jsonl"
 

@@ -1,4 +1,4 @@
-"""One training run of `gradstats train` (the command line is gradstats.train): SGD on an
+"""One training run of `gradstats train` (the command line is train.py): SGD on an
 instrumented ResNet that records per-BN-layer and per-block gradient statistics every K steps,
 evaluates each epoch, checkpoints, resumes exactly, and runs under torchrun with
 DistributedDataParallel (docs/train.md).
@@ -22,12 +22,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import distributed, logs
+from .. import distributed
+from . import launch, logs
 from .checkpoint import save_checkpoint
+from .options import check_min
 from .data import load_dataset
-from .models import VARIANTS, cifar_resnet_variant
-from .nn import batchnorms, instrument, probes
-from .syncbn import convert_sync_batchnorm
+from ..models import VARIANTS, cifar_resnet_variant
+from ..nn import batchnorms, instrument, probes
+from ..syncbn import convert_sync_batchnorm
 
 CHECKPOINT = "checkpoint.pt"
 TORCHVISION_MODELS = ("resnet18", "resnet34", "resnet50")
@@ -71,8 +73,8 @@ class TrainConfig:
             raise ValueError(f"--schedule {self.schedule!r}: choose cosine or step")
         if self.dtype not in DTYPES:
             raise ValueError(f"--dtype {self.dtype!r}: choose from {', '.join(DTYPES)}")
-        distributed.check_min(self, ("epochs", "batch_size", "log_every", "eval_batch_size", "width"), 1)
-        distributed.check_min(self, ("steps", "checkpoint_every", "stop_at", "lr", "momentum", "weight_decay", "gamma"), 0)
+        check_min(self, ("epochs", "batch_size", "log_every", "eval_batch_size", "width"), 1)
+        check_min(self, ("steps", "checkpoint_every", "stop_at", "lr", "momentum", "weight_decay", "gamma"), 0)
         if not all(0 < m < 1 for m in self.milestones):
             raise ValueError(f"--milestones must be fractions of the run in (0, 1), got {self.milestones}")
 
@@ -129,7 +131,7 @@ class Trainer:
     """One run: data, model, optimizer and schedule, the step loop, logging, evaluation and
     checkpoints. Only rank 0 writes files or prints."""
 
-    def __init__(self, config: TrainConfig, ctx: distributed.DistContext, resume: dict | None = None,
+    def __init__(self, config: TrainConfig, ctx: launch.DistContext, resume: dict | None = None,
                  log=print) -> None:
         self.config, self.ctx = config, ctx
         self.log = log if ctx.is_main else (lambda *a, **k: None)
@@ -166,7 +168,7 @@ class Trainer:
         self.history: dict[str, Any] = {"eval": [], "elapsed_s": 0.0}
         if resume is not None:
             self._restore(resume)
-        self.net = distributed.wrap_ddp(self.model, ctx)
+        self.net = launch.wrap_ddp(self.model, ctx)
         self.augment_generator = torch.Generator(self.device)
         self.order: Tensor | None = None
         self.stats_path = os.path.join(config.out, logs.STATS_FILE)
@@ -200,7 +202,7 @@ class Trainer:
                 m.reset_grad_stats()
             self.window.zero_()
         saved_world = int(state["world_size"])
-        distributed.resume_units(self.recorder_modules, saved_world, self.ctx)
+        distributed.resume_units(self.recorder_modules, saved_world, self.ctx.world_size)
         if saved_world != self.ctx.world_size and not self.config.sync_bn:
             self.log(f"note: the checkpoint was written by {saved_world} process(es), this run has "
                      f"{self.ctx.world_size}: each BatchNorm layer now normalises over "
@@ -208,7 +210,7 @@ class Trainer:
                      f"(--sync-bn normalises over the global batch whatever the number)")
 
     def checkpoint(self) -> None:
-        distributed.consolidate(self.recorder_modules, self.window, self.ctx)
+        distributed.consolidate(self.recorder_modules, self.window)
         if self.ctx.is_main:
             started = time.perf_counter()
             self.history["elapsed_s"] = self.elapsed()
@@ -252,7 +254,7 @@ class Trainer:
     def record(self) -> dict[str, Any] | None:
         """Merged statistics of the interval since the last record (all ranks, one collective),
         then reset; rank 0 writes the record and returns it."""
-        merged, totals = distributed.gather_stats(self.recorder_modules, self.window, self.ctx)
+        merged, totals = distributed.gather_stats(self.recorder_modules, self.window)
         for _, m in self.recorders:
             m.reset_grad_stats()
         self.window.zero_()
@@ -392,7 +394,7 @@ class _NoLog:
 def train(config: TrainConfig, resume: dict | None = None, log=print) -> dict[str, Any] | None:
     """Runs training in this process (one of torchrun's, or alone); the summary on rank 0 at
     the end of the run, else None."""
-    ctx = distributed.setup(config.device)
+    ctx = launch.setup(config.device)
     try:
         trainer = Trainer(config, ctx, resume, log)
         if ctx.is_main:
@@ -403,4 +405,4 @@ def train(config: TrainConfig, resume: dict | None = None, log=print) -> dict[st
                 logs.truncate_records(trainer.stats_path, trainer.step)
         return trainer.run()
     finally:
-        distributed.teardown(ctx)
+        launch.teardown(ctx)

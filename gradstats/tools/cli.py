@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import analysis, bench, demo, train
+from . import analyze, demo, train
+from .bench import cli as bench
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -17,7 +18,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, module, run, help in (
         ("demo", demo, demo.run, "one training step of an instrumented ResNet, per-layer gradient table"),
         ("bench", bench, bench.main, "time the fused op against PyTorch's backward (and --e2e, a training step)"),
-        ("analyze", analysis, analysis.main, "gradient variance per residual block for BN/skip ablations (arXiv 1812.00342)"),
+        ("analyze", analyze, analyze.main, "gradient variance per residual block for BN/skip ablations (arXiv 1812.00342)"),
         ("train", train, train.main, "train a ResNet, logging gradient statistics; checkpoints, resume, torchrun"),
     ):
         p = commands.add_parser(name, help=help)

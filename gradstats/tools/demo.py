@@ -9,12 +9,12 @@ import time
 import torch
 import torch.nn.functional as F
 
-from . import __version__
+from .. import __version__
 from .data import load_dataset
-from .distributed import resolve_device
-from .models import cifar_resnet
-from .nn import batchnorms, convert_batchnorm
-from .ops import cpu_capability, cuda_kernels_built
+from .options import resolve_device
+from ..models import cifar_resnet
+from ..nn import batchnorms, convert_batchnorm
+from ..ops import cpu_capability, cuda_kernels_built
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

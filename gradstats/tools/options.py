@@ -1,0 +1,34 @@
+"""Option checks shared by the commands: one style of error, naming the option, the bound and
+the value given (raised as ValueError; the CLI prints it without a traceback)."""
+
+from __future__ import annotations
+
+import torch
+
+
+def check_min(options, names, minimum: int) -> None:
+    """ValueError naming the option if any of ``names`` (attributes of ``options``) is below
+    ``minimum``."""
+    for name in names:
+        value = getattr(options, name)
+        if value < minimum:
+            bound = ">= 0" if minimum == 0 else f"at least {minimum}"
+            raise ValueError(f"--{name.replace('_', '-')} must be {bound}, got {value}")
+
+
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    """'auto' is CUDA when available, else CPU; a bare 'cuda' becomes this process's GPU."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError as error:
+        raise ValueError(f"--device {name!r}: not a device ({error})") from error
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {name!r}: gradstats runs on cpu or cuda[:index]")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {name!r}: CUDA is not available here")
+        if device.index is None:
+            device = torch.device("cuda", local_rank % torch.cuda.device_count())
+    return device

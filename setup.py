@@ -50,7 +50,9 @@ def _cuda_home_from_nvcc() -> str | None:
         try:
             out = subprocess.run(
                 [nvcc, "--dryrun", "-c", src, "-o", os.path.join(tmp, "probe.o")],
-                capture_output=True, text=True, timeout=60,
+                capture_output=True,
+                text=True,
+                timeout=60,
             )
         except (OSError, subprocess.SubprocessError):
             return None
@@ -93,8 +95,13 @@ def _extensions():
     link = []
     if _truthy("GRADSTATS_SANITIZE"):
         # AddressSanitizer + UndefinedBehaviorSanitizer build of the CPU code (scripts/sanitize.sh).
-        cxx = ["-O1", "-g", "-fno-omit-frame-pointer", "-fsanitize=address,undefined",
-               "-fno-sanitize-recover=undefined"]
+        cxx = [
+            "-O1",
+            "-g",
+            "-fno-omit-frame-pointer",
+            "-fsanitize=address,undefined",
+            "-fno-sanitize-recover=undefined",
+        ]
         link = ["-fsanitize=address,undefined"]
     cxx.append("-Wno-psabi")
     if sys.platform.startswith("linux"):
@@ -104,13 +111,20 @@ def _extensions():
     if use_cuda:
         sources += sorted(glob.glob("csrc/cuda/*.cpp") + glob.glob("csrc/cuda/*.cu"))
         ext = CUDAExtension(
-            "gradstats._C", sources, py_limited_api=True,
+            "gradstats._C",
+            sources,
+            py_limited_api=True,
             extra_compile_args={"cxx": cxx, "nvcc": nvcc},
             extra_link_args=link,
         )
     else:
-        ext = CppExtension("gradstats._C", sources, py_limited_api=True,
-                           extra_compile_args={"cxx": cxx}, extra_link_args=link)
+        ext = CppExtension(
+            "gradstats._C",
+            sources,
+            py_limited_api=True,
+            extra_compile_args={"cxx": cxx},
+            extra_link_args=link,
+        )
     return [ext], {"build_ext": BuildExtension}
 
 

@@ -14,8 +14,16 @@ Public API:
     bn_backward_stats     the fused operator (torch.ops.gradstats.bn_backward_stats)
 """
 
-from .nn import (GradProbe, GradStatBatchNorm2d, batchnorms, convert_batchnorm, first_nonfinite,
-                 instrument, plain_state_dict, probes)
+from .nn import (
+    GradProbe,
+    GradStatBatchNorm2d,
+    batchnorms,
+    convert_batchnorm,
+    first_nonfinite,
+    instrument,
+    plain_state_dict,
+    probes,
+)
 from .ops import bn_backward_stats, channel_moments, cpu_capability, cuda_kernels_built
 from .stats import ChannelStats, GradStats
 from .syncbn import GradStatSyncBatchNorm2d, convert_sync_batchnorm

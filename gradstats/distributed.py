@@ -64,7 +64,7 @@ def _split(gathered: Tensor, modules: list[GradStatsRecorder]):
     for m in modules:
         shape = m.grad_stats_state.shape[1:]
         size = shape.numel()
-        slots.append(gathered[:, offset:offset + size].reshape(-1, *shape))
+        slots.append(gathered[:, offset : offset + size].reshape(-1, *shape))
         offset += size
     return slots, gathered[:, offset:]
 

@@ -15,9 +15,18 @@ from . import ops  # noqa: F401  (registers torch.ops.gradstats)
 from .stats import ROW_NONFINITE, SLOT_ACCUMULATED, SLOT_EMA, SLOT_LAST, ChannelStats, GradStats, new_state
 
 __all__ = [
-    "GradProbe", "GradStatBatchNorm2d", "GradStatsRecorder", "NonfiniteSite", "batchnorms",
-    "convert_batchnorm", "first_nonfinite", "gradstats_buffer_names", "instrument",
-    "plain_state_dict", "probes", "STATE_BUFFER",
+    "GradProbe",
+    "GradStatBatchNorm2d",
+    "GradStatsRecorder",
+    "NonfiniteSite",
+    "batchnorms",
+    "convert_batchnorm",
+    "first_nonfinite",
+    "gradstats_buffer_names",
+    "instrument",
+    "plain_state_dict",
+    "probes",
+    "STATE_BUFFER",
 ]
 
 STATE_BUFFER = "grad_stats_state"
@@ -26,6 +35,7 @@ STATE_BUFFER = "grad_stats_state"
 def _is_state_key(name: str) -> bool:
     """Whether a state_dict key or buffer name is a gradstats statistics buffer."""
     return name == STATE_BUFFER or name.endswith("." + STATE_BUFFER)
+
 
 # Process-wide order of eager-mode recordings: each recording module notes the next number when
 # its backward runs, so first_nonfinite can walk the last backward in the order it executed.
@@ -42,8 +52,9 @@ class _BatchNorm2dWithGradStats(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, input, weight, bias, running_mean, running_var, state, use_batch_stats,
-                momentum, eps, ema_decay):
+    def forward(
+        ctx, input, weight, bias, running_mean, running_var, state, use_batch_stats, momentum, eps, ema_decay
+    ):
         output, save_mean, save_invstd = torch.ops.aten.native_batch_norm(
             input, weight, bias, running_mean, running_var, use_batch_stats, momentum, eps
         )
@@ -76,8 +87,11 @@ class _BatchNorm2dWithGradStats(torch.autograd.Function):
             grad_input, grad_weight, grad_bias, stats = torch.ops.gradstats.bn_backward_stats(
                 grad_output, input, weight, mean, invstd, ctx.use_batch_stats, needs[0]
             )
-            grads = (grad_input if needs[0] else None, grad_weight if needs[1] else None,
-                     grad_bias if needs[2] else None)
+            grads = (
+                grad_input if needs[0] else None,
+                grad_weight if needs[1] else None,
+                grad_bias if needs[2] else None,
+            )
         torch.ops.gradstats.record_grad_stats_(ctx.state, stats, ctx.ema_decay)
         return (*grads, None, None, None, None, None, None, None)
 
@@ -148,8 +162,9 @@ class GradStatsRecorder:
         with torch.no_grad():
             self.grad_stats_state[SLOT_ACCUMULATED:].zero_()
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
-                              unexpected_keys, error_msgs):
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
         key = prefix + STATE_BUFFER
         if key not in state_dict:  # e.g. an nn.BatchNorm2d state_dict: keep the statistics
             state_dict = dict(state_dict)
@@ -159,8 +174,9 @@ class GradStatsRecorder:
             state_dict = dict(state_dict)
             old = state_dict[key]
             state_dict[key] = torch.cat([old, torch.zeros_like(old[:, :, :1])], dim=2)
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
-                                      unexpected_keys, error_msgs)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
 
     def _apply(self, fn, recurse=True):
         # Statistics are float64 counts and sums in a fixed layout: follow device moves only.
@@ -195,9 +211,18 @@ class GradStatBatchNorm2d(GradStatsRecorder, nn.BatchNorm2d):
             [0, 1]; 0 makes it the last backward, 1 the accumulated statistics.
     """
 
-    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
-                 affine: bool = True, track_running_stats: bool = True, device=None, dtype=None,
-                 *, grad_stats_ema_decay: float = 0.9) -> None:
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        device=None,
+        dtype=None,
+        *,
+        grad_stats_ema_decay: float = 0.9,
+    ) -> None:
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
         self._init_grad_stats(num_features, 2, grad_stats_ema_decay, device)
 
@@ -232,8 +257,16 @@ class GradStatBatchNorm2d(GradStatsRecorder, nn.BatchNorm2d):
             or (self.bias is not None and self.bias.requires_grad)
         )
         if not needs_grad:  # nothing to record: exactly nn.BatchNorm2d
-            return F.batch_norm(input, running_mean, running_var, self.weight, self.bias,
-                                use_batch_stats, exponential_average_factor, self.eps)
+            return F.batch_norm(
+                input,
+                running_mean,
+                running_var,
+                self.weight,
+                self.bias,
+                use_batch_stats,
+                exponential_average_factor,
+                self.eps,
+            )
         if use_batch_stats:
             # The same check and message as F.batch_norm.
             size = input.size()
@@ -241,10 +274,20 @@ class GradStatBatchNorm2d(GradStatsRecorder, nn.BatchNorm2d):
                 raise ValueError(
                     f"Expected more than 1 value per channel when training, got input size {size}"
                 )
-        return self._watch_backward(_BatchNorm2dWithGradStats.apply(
-            input, self.weight, self.bias, running_mean, running_var, self.grad_stats_state,
-            use_batch_stats, exponential_average_factor, self.eps, self.grad_stats_ema_decay,
-        ))
+        return self._watch_backward(
+            _BatchNorm2dWithGradStats.apply(
+                input,
+                self.weight,
+                self.bias,
+                running_mean,
+                running_var,
+                self.grad_stats_state,
+                use_batch_stats,
+                exponential_average_factor,
+                self.eps,
+                self.grad_stats_ema_decay,
+            )
+        )
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", grad_stats_ema_decay={self.grad_stats_ema_decay}"
@@ -260,8 +303,14 @@ class GradProbe(GradStatsRecorder, nn.Module):
     it saw (``last_activation_stats``, a ChannelStats), at the cost of one read of it.
     """
 
-    def __init__(self, num_channels: int, *, grad_stats_ema_decay: float = 0.9,
-                 record_activations: bool = False, device=None) -> None:
+    def __init__(
+        self,
+        num_channels: int,
+        *,
+        grad_stats_ema_decay: float = 0.9,
+        record_activations: bool = False,
+        device=None,
+    ) -> None:
         super().__init__()
         self.num_channels = num_channels
         self.record_activations = record_activations
@@ -300,8 +349,9 @@ class GradProbe(GradStatsRecorder, nn.Module):
     def _record(self, grad: Tensor) -> None:
         self._note_backward()
         stats = torch.ops.gradstats.channel_moments(grad.detach())
-        torch.ops.gradstats.record_grad_stats_(self.grad_stats_state, stats.unsqueeze(0),
-                                               self.grad_stats_ema_decay)
+        torch.ops.gradstats.record_grad_stats_(
+            self.grad_stats_state, stats.unsqueeze(0), self.grad_stats_ema_decay
+        )
 
     def extra_repr(self) -> str:
         return f"{self.num_channels}, grad_stats_ema_decay={self.grad_stats_ema_decay}"
@@ -330,9 +380,16 @@ def _converted(bn: nn.BatchNorm2d, ema_decay: float, cls: type | None = None, **
     goes to its constructor."""
     reference = bn.weight if bn.weight is not None else bn.running_mean
     device = reference.device if reference is not None else None
-    new = (cls or GradStatBatchNorm2d)(bn.num_features, bn.eps, bn.momentum, bn.affine,
-                                       bn.track_running_stats, device=device,
-                                       grad_stats_ema_decay=ema_decay, **extra)
+    new = (cls or GradStatBatchNorm2d)(
+        bn.num_features,
+        bn.eps,
+        bn.momentum,
+        bn.affine,
+        bn.track_running_stats,
+        device=device,
+        grad_stats_ema_decay=ema_decay,
+        **extra,
+    )
     # Share, do not copy: same Parameters and buffers as the original layer.
     for name, param in bn._parameters.items():
         new._parameters[name] = param
@@ -374,8 +431,13 @@ def _apply_probe(block: nn.Module, inputs, output: Tensor) -> Tensor:
     return getattr(block, _PROBE)(output)
 
 
-def instrument(model: nn.Module, *, probes: bool = True, grad_stats_ema_decay: float = 0.9,
-               record_activations: bool = False) -> nn.Module:
+def instrument(
+    model: nn.Module,
+    *,
+    probes: bool = True,
+    grad_stats_ema_decay: float = 0.9,
+    record_activations: bool = False,
+) -> nn.Module:
     """Converts every nn.BatchNorm2d of ``model`` (convert_batchnorm) and, with ``probes``, puts a
     GradProbe on the output of every residual block it recognises (gradstats.models blocks,
     torchvision BasicBlock/Bottleneck): the gradient on the skip stream, block by block.
@@ -393,8 +455,15 @@ def instrument(model: nn.Module, *, probes: bool = True, grad_stats_ema_decay: f
             continue
         reference = next(module.parameters(), None)
         device = reference.device if reference is not None else None
-        module.add_module(_PROBE, GradProbe(channels, grad_stats_ema_decay=grad_stats_ema_decay,
-                                            record_activations=record_activations, device=device))
+        module.add_module(
+            _PROBE,
+            GradProbe(
+                channels,
+                grad_stats_ema_decay=grad_stats_ema_decay,
+                record_activations=record_activations,
+                device=device,
+            ),
+        )
         module.register_forward_hook(_apply_probe)
     return model
 
@@ -402,16 +471,18 @@ def instrument(model: nn.Module, *, probes: bool = True, grad_stats_ema_decay: f
 class NonfiniteSite(NamedTuple):
     """Where first_nonfinite found non-finite gradient values."""
 
-    name: str          # the module's name in the model
+    name: str  # the module's name in the model
     module: nn.Module
-    gradient: str      # "grad_output": it arrived with them; "grad_input": it produced them
-    channels: int      # channels with at least one non-finite value
-    values: int        # non-finite values in that gradient
+    gradient: str  # "grad_output": it arrived with them; "grad_input": it produced them
+    channels: int  # channels with at least one non-finite value
+    values: int  # non-finite values in that gradient
 
     def __str__(self) -> str:
         verb = "received" if self.gradient == "grad_output" else "passed on"
-        return (f"{self.name} ({type(self.module).__name__}) {verb} {self.values} non-finite gradient "
-                f"values in {self.channels} channels ({self.gradient})")
+        return (
+            f"{self.name} ({type(self.module).__name__}) {verb} {self.values} non-finite gradient "
+            f"values in {self.channels} channels ({self.gradient})"
+        )
 
 
 def first_nonfinite(model: nn.Module) -> NonfiniteSite | None:
@@ -436,10 +507,14 @@ def first_nonfinite(model: nn.Module) -> NonfiniteSite | None:
     for _, m in recorders:
         last = m.grad_stats_state[SLOT_LAST, :, ROW_NONFINITE]  # [G, C]
         counts.append((last[0], last[-1]))
-    flat = torch.stack([torch.stack([a.sum(), (a > 0).sum(), b.sum(), (b > 0).sum()])
-                        for a, b in counts]).cpu()
-    found = [(name, module, row) for (name, module), row in zip(recorders, flat.tolist())
-             if row[0] > 0 or row[2] > 0]
+    flat = torch.stack(
+        [torch.stack([a.sum(), (a > 0).sum(), b.sum(), (b > 0).sum()]) for a, b in counts]
+    ).cpu()
+    found = [
+        (name, module, row)
+        for (name, module), row in zip(recorders, flat.tolist())
+        if row[0] > 0 or row[2] > 0
+    ]
     if not found:
         return None
     if all(module._backward_seq > 0 for _, module, _ in found):

@@ -15,20 +15,32 @@ except ImportError as error:  # pragma: no cover - exercised only on a broken in
     import os as _os
 
     _package = _os.path.dirname(_os.path.abspath(__file__))
-    _hint = ("Build it against the installed torch with `pip install --no-build-isolation .` "
-             "from the gradstats source folder.")
+    _hint = (
+        "Build it against the installed torch with `pip install --no-build-isolation .` "
+        "from the gradstats source folder."
+    )
     if _os.path.exists(_os.path.join(_os.path.dirname(_package), "setup.py")):
         # Python found the source folder (the current directory comes first on sys.path), whose
         # gradstats/ holds no compiled library after a plain `pip install .`.
-        _hint = (f"Python imported gradstats from its source folder {_package}, which holds no "
-                 "compiled library. Run from another directory to use the installed package, or "
-                 "build in place: `pip install --no-build-isolation -e .`.")
-    raise ImportError(f"gradstats' compiled extension (gradstats._C) could not be loaded: {error}. {_hint}") from error
+        _hint = (
+            f"Python imported gradstats from its source folder {_package}, which holds no "
+            "compiled library. Run from another directory to use the installed package, or "
+            "build in place: `pip install --no-build-isolation -e .`."
+        )
+    raise ImportError(
+        f"gradstats' compiled extension (gradstats._C) could not be loaded: {error}. {_hint}"
+    ) from error
 
 from .reference import bn_backward_formula
 from .stats import ROWS
 
-__all__ = ["bn_backward_stats", "channel_moments", "record_grad_stats_", "cuda_kernels_built", "cpu_capability"]
+__all__ = [
+    "bn_backward_stats",
+    "channel_moments",
+    "record_grad_stats_",
+    "cuda_kernels_built",
+    "cpu_capability",
+]
 
 STAT_ROWS = ROWS  # count (of finite values), mean, M2, nonfinite
 
@@ -160,7 +172,9 @@ def _backward(ctx, grad_grad_input, grad_grad_weight, grad_grad_bias, _grad_stat
         pairs = [
             (out, grad.to(out.dtype))
             for out, grad, used in zip(
-                outputs, (grad_grad_input, grad_grad_weight, grad_grad_bias), (ctx.grad_input_mask, True, True)
+                outputs,
+                (grad_grad_input, grad_grad_weight, grad_grad_bias),
+                (ctx.grad_input_mask, True, True),
             )
             if used and grad is not None
         ]
@@ -178,6 +192,4 @@ def _backward(ctx, grad_grad_input, grad_grad_weight, grad_grad_bias, _grad_stat
     return tuple(result)
 
 
-torch.library.register_autograd(
-    "gradstats::bn_backward_stats", _backward, setup_context=_setup_context
-)
+torch.library.register_autograd("gradstats::bn_backward_stats", _backward, setup_context=_setup_context)

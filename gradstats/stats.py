@@ -74,7 +74,7 @@ class ChannelStats:
         return self.var.sqrt()
 
     @classmethod
-    def from_moments(cls, moments: Tensor) -> "ChannelStats":
+    def from_moments(cls, moments: Tensor) -> ChannelStats:
         """From a [4, C] (count, mean, M2, nonfinite) tensor; copies, so later updates do not
         leak in."""
         count, mean, m2, nonfinite = moments.unbind(0)
@@ -98,7 +98,7 @@ class GradStats:
     grad_input: ChannelStats
 
     @classmethod
-    def from_slot(cls, slot: Tensor) -> "GradStats | None":
+    def from_slot(cls, slot: Tensor) -> GradStats | None:
         """From one [G, 4, C] slot of a state buffer; None when it holds no backward yet.
         Reading it synchronises with the device once (for that check)."""
         first = slot[GRAD_OUTPUT, :, 0]
@@ -107,4 +107,3 @@ class GradStats:
         grad_output = ChannelStats.from_moments(slot[GRAD_OUTPUT])
         grad_input = ChannelStats.from_moments(slot[GRAD_INPUT]) if slot.shape[0] > 1 else grad_output
         return cls(grad_output=grad_output, grad_input=grad_input)
-

@@ -28,8 +28,20 @@ __all__ = ["GradStatSyncBatchNorm2d", "convert_sync_batchnorm"]
 
 class _SyncBatchNormWithGradStats(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, input, weight, bias, running_mean, running_var, state, momentum, eps,
-                ema_decay, group, world_size):
+    def forward(
+        ctx,
+        input,
+        weight,
+        bias,
+        running_mean,
+        running_var,
+        state,
+        momentum,
+        eps,
+        ema_decay,
+        group,
+        world_size,
+    ):
         local = ops.channel_moments(input.detach())  # [rows, C] float64: this rank's moments
         gathered = all_gather_stacked(local, world_size, group)
         total = merge_moments(list(gathered.unbind(0)))
@@ -69,7 +81,9 @@ class _SyncBatchNormWithGradStats(torch.autograd.Function):
         dist.all_reduce(total, group=ctx.group)
         mean_dy, mean_dy_xmu = (total / count.repeat(2)).chunk(2)
         scale = invstd if weight is None else invstd * weight.to(acc)
-        grad_input = (dy - mean_dy.view(shape) - xmu * (invstd * invstd * mean_dy_xmu).view(shape)) * scale.view(shape)
+        grad_input = (
+            dy - mean_dy.view(shape) - xmu * (invstd * invstd * mean_dy_xmu).view(shape)
+        ) * scale.view(shape)
         grad_input = grad_input.to(input.dtype)
         stats = torch.stack([ops.channel_moments(grad_output), ops.channel_moments(grad_input)])
         ops.record_grad_stats_(ctx.state, stats, ctx.ema_decay)
@@ -85,11 +99,29 @@ class GradStatSyncBatchNorm2d(GradStatBatchNorm2d):
     ``process_group`` (default: the whole world), like nn.SyncBatchNorm. Same parameters,
     buffers and state_dict keys as GradStatBatchNorm2d."""
 
-    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
-                 affine: bool = True, track_running_stats: bool = True, process_group=None,
-                 device=None, dtype=None, *, grad_stats_ema_decay: float = 0.9) -> None:
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype,
-                         grad_stats_ema_decay=grad_stats_ema_decay)
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        process_group=None,
+        device=None,
+        dtype=None,
+        *,
+        grad_stats_ema_decay: float = 0.9,
+    ) -> None:
+        super().__init__(
+            num_features,
+            eps,
+            momentum,
+            affine,
+            track_running_stats,
+            device,
+            dtype,
+            grad_stats_ema_decay=grad_stats_ema_decay,
+        )
         self.process_group = process_group
 
     def _world_size(self) -> int:
@@ -103,21 +135,36 @@ class GradStatSyncBatchNorm2d(GradStatBatchNorm2d):
             return super().forward(input)
         factor = self._start_forward(input)  # training here: world_size > 1 only in training
         running = self.track_running_stats and self.running_mean is not None
-        return self._watch_backward(_SyncBatchNormWithGradStats.apply(
-            input, self.weight, self.bias, self.running_mean if running else None,
-            self.running_var if running else None, self.grad_stats_state, factor, self.eps,
-            self.grad_stats_ema_decay, self.process_group, world_size,
-        ))
+        return self._watch_backward(
+            _SyncBatchNormWithGradStats.apply(
+                input,
+                self.weight,
+                self.bias,
+                self.running_mean if running else None,
+                self.running_var if running else None,
+                self.grad_stats_state,
+                factor,
+                self.eps,
+                self.grad_stats_ema_decay,
+                self.process_group,
+                world_size,
+            )
+        )
 
 
-def convert_sync_batchnorm(module: nn.Module, process_group=None, *,
-                           grad_stats_ema_decay: float = 0.9) -> nn.Module:
+def convert_sync_batchnorm(
+    module: nn.Module, process_group=None, *, grad_stats_ema_decay: float = 0.9
+) -> nn.Module:
     """Replaces every nn.BatchNorm2d and GradStatBatchNorm2d (exact types) in ``module`` by a
     GradStatSyncBatchNorm2d sharing its parameters and buffers (statistics included); returns
     the module. Run it before gradstats.instrument, which then only adds the block probes."""
     if type(module) in (nn.BatchNorm2d, GradStatBatchNorm2d):
-        return _converted(module, getattr(module, "grad_stats_ema_decay", grad_stats_ema_decay),
-                          GradStatSyncBatchNorm2d, process_group=process_group)
+        return _converted(
+            module,
+            getattr(module, "grad_stats_ema_decay", grad_stats_ema_decay),
+            GradStatSyncBatchNorm2d,
+            process_group=process_group,
+        )
     for name, child in module.named_children():
         converted = convert_sync_batchnorm(child, process_group, grad_stats_ema_decay=grad_stats_ema_decay)
         if converted is not child:

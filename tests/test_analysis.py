@@ -13,14 +13,13 @@ import re
 
 import pytest
 import torch
+from conftest import cli_error
 from torch import nn
 
 import gradstats
 from gradstats.tools.analyze import AnalysisConfig, analyze_variant
 from gradstats.tools.cli import main as cli_main
 from gradstats.tools.data import load_dataset
-
-from conftest import cli_error
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +28,9 @@ def data():
 
 
 def _analyze(data, variant, depth=32, preact=False):
-    return analyze_variant(variant, AnalysisConfig(depth=depth, batch_size=128, batches=1, preact=preact), data)
+    return analyze_variant(
+        variant, AnalysisConfig(depth=depth, batch_size=128, batches=1, preact=preact), data
+    )
 
 
 def _stage_ratios(result):
@@ -84,9 +85,17 @@ def test_skip_without_bn_doubles_variance_per_block(data, preact):
     r = _analyze(data, "skip", preact=preact)
     blocks = r["blocks"]
     grad = [x for s in _stage_ratios(r) for x in s]
-    act = [blocks[i + 1]["act_var"] / blocks[i]["act_var"] for i in range(len(blocks) - 1)
-           if not blocks[i]["transition_to_next"]]
-    print("skip: grad ratios geomean", round(_geomean(grad), 3), "activation growth geomean", round(_geomean(act), 3))
+    act = [
+        blocks[i + 1]["act_var"] / blocks[i]["act_var"]
+        for i in range(len(blocks) - 1)
+        if not blocks[i]["transition_to_next"]
+    ]
+    print(
+        "skip: grad ratios geomean",
+        round(_geomean(grad), 3),
+        "activation growth geomean",
+        round(_geomean(act), 3),
+    )
     assert 1.6 < _geomean(grad) < 2.4
     assert 1.5 < _geomean(act) < 2.5
     assert r["summary"]["first_over_last"] > 1000
@@ -138,8 +147,21 @@ def test_bn_backward_identities_and_scale_invariance():
 
 
 def test_analyze_cli_json_plot_and_determinism(tmp_path, capsys):
-    args = ["analyze", "--depth", "8", "--variants", "bn_skip,plain", "--batch-size", "16",
-            "--batches", "1", "--steps", "2", "--seed", "3"]
+    args = [
+        "analyze",
+        "--depth",
+        "8",
+        "--variants",
+        "bn_skip,plain",
+        "--batch-size",
+        "16",
+        "--batches",
+        "1",
+        "--steps",
+        "2",
+        "--seed",
+        "3",
+    ]
     paths = []
     for run in range(2):
         json_path, png_path = tmp_path / f"a{run}.json", tmp_path / f"a{run}.png"
@@ -163,12 +185,15 @@ def test_analyze_cli_json_plot_and_determinism(tmp_path, capsys):
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--variants", "bn,nope"], "unknown nope"),
-    (["--depth", "10"], "depth must be 6n \\+ 2"),
-    (["--batch-size", "0"], "--batch-size must be at least 1"),
-    (["--data", "/no/such/folder"], "no such file or folder"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--variants", "bn,nope"], "unknown nope"),
+        (["--depth", "10"], "depth must be 6n \\+ 2"),
+        (["--batch-size", "0"], "--batch-size must be at least 1"),
+        (["--data", "/no/such/folder"], "no such file or folder"),
+    ],
+)
 def test_analyze_cli_errors(argv, message, capsys):
     err = cli_error(["analyze", "--depth", "8", "--batches", "1", "--batch-size", "8"] + argv, capsys)
     assert re.search(message, err), err

@@ -11,31 +11,49 @@ import statistics
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import cli_error
 
 from gradstats import batchnorms
 from gradstats.tools.bench.op import HEADER, PRESETS, bench_shape
 from gradstats.tools.bench.step import _variants
 from gradstats.tools.cli import main as cli_main
 
-from conftest import cli_error
-
 
 def test_bench_rows_summary_and_json(tmp_path, capsys):
     path = tmp_path / "bench.json"
-    argv = ["bench", "--shape", "4,3,5,5", "--shape", "2,17,3,2", "--both-layouts", "--dtype", "bfloat16",
-            "--repeats", "2", "--json", str(path)]
+    argv = [
+        "bench",
+        "--shape",
+        "4,3,5,5",
+        "--shape",
+        "2,17,3,2",
+        "--both-layouts",
+        "--dtype",
+        "bfloat16",
+        "--repeats",
+        "2",
+        "--json",
+        str(path),
+    ]
     assert cli_main(argv) == 0
     out = capsys.readouterr().out.splitlines()
     header = out.index(HEADER)
-    lines = out[header + 1:header + 5]
+    lines = out[header + 1 : header + 5]
     assert [line.split()[:3] for line in lines] == [
-        ["4x3x5x5", "bfloat16", "nchw"], ["4x3x5x5", "bfloat16", "channels_last"],
-        ["2x17x3x2", "bfloat16", "nchw"], ["2x17x3x2", "bfloat16", "channels_last"]]
+        ["4x3x5x5", "bfloat16", "nchw"],
+        ["4x3x5x5", "bfloat16", "channels_last"],
+        ["2x17x3x2", "bfloat16", "nchw"],
+        ["2x17x3x2", "bfloat16", "channels_last"],
+    ]
     assert len({len(line) for line in lines}) == 1  # fixed width
     payload = json.loads(path.read_text())
     rows = payload["rows"]
     assert [(r["shape"], r["layout"]) for r in rows] == [
-        ([4, 3, 5, 5], "nchw"), ([4, 3, 5, 5], "channels_last"), ([2, 17, 3, 2], "nchw"), ([2, 17, 3, 2], "channels_last")]
+        ([4, 3, 5, 5], "nchw"),
+        ([4, 3, 5, 5], "channels_last"),
+        ([2, 17, 3, 2], "nchw"),
+        ([2, 17, 3, 2], "channels_last"),
+    ]
     for r, line in zip(rows, lines):
         assert r["dtype"] == "bfloat16" and r["device"] == "cpu"
         assert r["bytes"] == 5 * math.prod(r["shape"]) * 2  # read dy and x twice, write dx
@@ -48,22 +66,30 @@ def test_bench_rows_summary_and_json(tmp_path, capsys):
         assert float(printed[-2]) == pytest.approx(r["fused_vs_native"], abs=6e-4)
         assert float(printed[-1]) == pytest.approx(r["unfused_vs_fused"], abs=6e-3)
     summary = payload["summary"]
-    assert summary["fused_vs_native_geomean"] == pytest.approx(statistics.geometric_mean(
-        [r["fused_vs_native"] for r in rows]))
-    assert summary["unfused_vs_fused_geomean"] == pytest.approx(statistics.geometric_mean(
-        [r["unfused_vs_fused"] for r in rows]))
-    assert f"geometric mean over 4 configurations: fused/native {summary['fused_vs_native_geomean']:.3f}" in "\n".join(out)
+    assert summary["fused_vs_native_geomean"] == pytest.approx(
+        statistics.geometric_mean([r["fused_vs_native"] for r in rows])
+    )
+    assert summary["unfused_vs_fused_geomean"] == pytest.approx(
+        statistics.geometric_mean([r["unfused_vs_fused"] for r in rows])
+    )
+    assert (
+        f"geometric mean over 4 configurations: fused/native {summary['fused_vs_native_geomean']:.3f}"
+        in "\n".join(out)
+    )
     assert payload["repeats"] == 2 and payload["machine"]
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--shape", "1,2,3"], "--shape expects N,C,H,W"),
-    (["--shape", "0,2,3,3"], "--shape expects N,C,H,W"),
-    (["--repeats", "0"], "--repeats must be at least 1"),
-    (["--e2e", "--steps", "0"], "--steps must be at least 1"),
-    (["--dtype", "int8"], "argument --dtype: invalid choice"),
-    (["--preset", "vgg"], "argument --preset: invalid choice"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--shape", "1,2,3"], "--shape expects N,C,H,W"),
+        (["--shape", "0,2,3,3"], "--shape expects N,C,H,W"),
+        (["--repeats", "0"], "--repeats must be at least 1"),
+        (["--e2e", "--steps", "0"], "--steps must be at least 1"),
+        (["--dtype", "int8"], "argument --dtype: invalid choice"),
+        (["--preset", "vgg"], "argument --preset: invalid choice"),
+    ],
+)
 def test_bench_rejects_bad_options(argv, message, capsys):
     assert message in cli_error(["bench", *argv], capsys)
 
@@ -101,7 +127,9 @@ def test_e2e_variants_do_equal_work(one_thread):
     assert len(hooked) == 2 * len(bns) == 2 * 57
     # Order-free comparison: the total per-channel variance of all dy and dx tensors.
     hooks_total = sum(var.double().sum().item() for var, _ in hooked)
-    ours_total = sum((bn.last_grad_stats.grad_output.var.sum() + bn.last_grad_stats.grad_input.var.sum()).item()
-                     for _, bn in bns)
+    ours_total = sum(
+        (bn.last_grad_stats.grad_output.var.sum() + bn.last_grad_stats.grad_input.var.sum()).item()
+        for _, bn in bns
+    )
     assert hooks_total == pytest.approx(ours_total, rel=1e-4)
     assert hooks_total > 0

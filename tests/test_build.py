@@ -24,14 +24,17 @@ def _f64(*shape):
     return torch.zeros(*shape, dtype=torch.float64)
 
 
-@pytest.mark.parametrize("case, error, message", [
-    ((_f64(3, 2, 4, 4), _f64(2, 4, 5), 0.9), ValueError, r"state must have shape \[3, 2, 4, 5\]"),
-    ((torch.zeros(3, 2, 4, 4), torch.zeros(2, 4, 4), 0.9), TypeError, "must be float64"),
-    ((_f64(3, 2, 4, 4), _f64(2, 4, 4), 1.5), ValueError, r"ema_decay must be in \[0, 1\]"),
-    ((_f64(3, 2, 4, 4), _f64(4, 4), 0.9), ValueError, r"stats must have shape \[G, 4, C\]"),
-    ((_f64(3, 2, 4, 4), _f64(2, 3, 4), 0.9), ValueError, r"stats must have shape \[G, 4, C\]"),
-    ((_f64(3, 2, 4, 4), _f64(1, 4, 4), 0.9), ValueError, r"state must have shape \[3, 1, 4, 4\]"),
-])
+@pytest.mark.parametrize(
+    "case, error, message",
+    [
+        ((_f64(3, 2, 4, 4), _f64(2, 4, 5), 0.9), ValueError, r"state must have shape \[3, 2, 4, 5\]"),
+        ((torch.zeros(3, 2, 4, 4), torch.zeros(2, 4, 4), 0.9), TypeError, "must be float64"),
+        ((_f64(3, 2, 4, 4), _f64(2, 4, 4), 1.5), ValueError, r"ema_decay must be in \[0, 1\]"),
+        ((_f64(3, 2, 4, 4), _f64(4, 4), 0.9), ValueError, r"stats must have shape \[G, 4, C\]"),
+        ((_f64(3, 2, 4, 4), _f64(2, 3, 4), 0.9), ValueError, r"stats must have shape \[G, 4, C\]"),
+        ((_f64(3, 2, 4, 4), _f64(1, 4, 4), 0.9), ValueError, r"state must have shape \[3, 1, 4, 4\]"),
+    ],
+)
 def test_record_grad_stats_checks(case, error, message):
     state = case[0].clone()
     with pytest.raises(error, match=message):
@@ -65,7 +68,10 @@ def test_every_cpu_build_matches_the_reference(isa, tmp_path):
 
     probe = subprocess.run(
         [sys.executable, "-c", "import gradstats; print(gradstats.cpu_capability())"],
-        env={**os.environ, "GRADSTATS_CPU_CAPABILITY": isa}, capture_output=True, text=True, check=True,
+        env={**os.environ, "GRADSTATS_CPU_CAPABILITY": isa},
+        capture_output=True,
+        text=True,
+        check=True,
         cwd=tmp_path,  # not the source folder: `import gradstats` must find the installed package
     )
     if probe.stdout.strip() != isa:
@@ -73,6 +79,9 @@ def test_every_cpu_build_matches_the_reference(isa, tmp_path):
     tests = os.path.dirname(os.path.abspath(__file__))
     result = subprocess.run(
         [sys.executable, "-c", _ISA_SCRIPT.format(tests=tests, isa=isa)],
-        env={**os.environ, "GRADSTATS_CPU_CAPABILITY": isa}, capture_output=True, text=True, cwd=tmp_path,
+        env={**os.environ, "GRADSTATS_CPU_CAPABILITY": isa},
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
     )
     assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stdout + result.stderr

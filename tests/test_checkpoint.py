@@ -8,21 +8,23 @@ import os
 
 import pytest
 import torch
+from conftest import cli_error, read_records
 
+from gradstats.stats import SLOT_ACCUMULATED
 from gradstats.tools import checkpoint
 from gradstats.tools.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from gradstats.tools.cli import main as cli_main
-from gradstats.stats import SLOT_ACCUMULATED
-
-from conftest import cli_error, read_records
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.one_thread
 
 
 def _state():
-    return {"step": 7, "weights": torch.arange(10, dtype=torch.float32), "nested": {"a": [1, 2.5, "x"]},
-            "rng": torch.get_rng_state()}
+    return {
+        "step": 7,
+        "weights": torch.arange(10, dtype=torch.float32),
+        "nested": {"a": [1, 2.5, "x"]},
+        "rng": torch.get_rng_state(),
+    }
 
 
 def test_round_trip_and_no_temporary_files(tmp_path):
@@ -51,13 +53,16 @@ def test_failed_save_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == ["c.pt"]
 
 
-@pytest.mark.parametrize("damage, message", [
-    ("truncate", "truncated checkpoint"),
-    ("flip", "sha256 does not match"),
-    ("append", "bytes beyond the payload"),
-    ("header", "not a gradstats checkpoint"),
-    ("empty", "not a gradstats checkpoint"),
-])
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        ("truncate", "truncated checkpoint"),
+        ("flip", "sha256 does not match"),
+        ("append", "bytes beyond the payload"),
+        ("header", "not a gradstats checkpoint"),
+        ("empty", "not a gradstats checkpoint"),
+    ],
+)
 def test_damaged_checkpoint_is_reported(tmp_path, damage, message):
     path = tmp_path / "c.pt"
     save_checkpoint(_state(), str(path))
@@ -89,8 +94,20 @@ def test_missing_and_unsafe_checkpoints(tmp_path):
 
 # -- resume ---------------------------------------------------------------------------------------
 
-RUN = ["--depth", "8", "--batch-size", "32", "--steps", "10", "--log-every", "3", "--no-progress",
-       "--no-tensorboard", "--device", "cpu"]
+RUN = [
+    "--depth",
+    "8",
+    "--batch-size",
+    "32",
+    "--steps",
+    "10",
+    "--log-every",
+    "3",
+    "--no-progress",
+    "--no-tensorboard",
+    "--device",
+    "cpu",
+]
 TIMING = ("images_per_s", "elapsed_s")
 
 
@@ -102,8 +119,11 @@ def _records(out):
     return [{k: v for k, v in r.items() if k not in TIMING} for r in read_records(out)]
 
 
-@pytest.mark.parametrize("options", [["--augment"], ["--schedule", "step", "--dtype", "float64"]],
-                         ids=["augment-cosine-fp32", "step-fp64"])
+@pytest.mark.parametrize(
+    "options",
+    [["--augment"], ["--schedule", "step", "--dtype", "float64"]],
+    ids=["augment-cosine-fp32", "step-fp64"],
+)
 def test_resume_continues_exactly(tmp_path, options):
     """k = 4 steps, stop, resume to 2k = 8 (options given once: the checkpoint holds them), against
     8 uninterrupted steps. Records every 3 steps, so statistics are mid-interval at both ends."""

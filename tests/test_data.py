@@ -23,8 +23,10 @@ def test_builtin_digits():
 
 def _write_cifar_batch(path, n, label_key=b"labels", classes=10, seed=0):
     rng = np.random.default_rng(seed)
-    batch = {b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
-             label_key: rng.integers(0, classes, n).tolist()}
+    batch = {
+        b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+        label_key: rng.integers(0, classes, n).tolist(),
+    }
     with open(path, "wb") as f:
         pickle.dump(batch, f)
     return batch
@@ -59,7 +61,9 @@ def test_image_folder(tmp_path):
     for c, name in enumerate(["cat", "dog", "emu"]):
         (tmp_path / name).mkdir()
         for i in range(4):
-            Image.fromarray(np.full((40, 30, 3), 60 * c + i, dtype=np.uint8)).save(tmp_path / name / f"{i}.png")
+            Image.fromarray(np.full((40, 30, 3), 60 * c + i, dtype=np.uint8)).save(
+                tmp_path / name / f"{i}.png"
+            )
     (tmp_path / "cat" / "notes.txt").write_text("not an image")
     data = load_dataset(str(tmp_path), test_fraction=0.25)
     assert data.num_classes == 3
@@ -67,15 +71,26 @@ def test_image_folder(tmp_path):
     assert data.train_images.shape[1:] == (3, 32, 32)
 
 
-@pytest.mark.parametrize("setup, message", [
-    (lambda p: None, "no such file or folder"),
-    (lambda p: p.write_text("x"), "expected a folder"),
-    (lambda p: p.mkdir(), "found neither CIFAR python-format files"),
-    (lambda p: (p.mkdir(), (p / "data_batch_1").write_bytes(b"garbage"), (p / "test_batch").write_bytes(b"x")),
-     "not a CIFAR python-format batch"),
-    (lambda p: (p.mkdir(), (p / "cls").mkdir(), (p / "cls" / "a.png").write_bytes(b"not png")),
-     "not a readable image"),
-])
+@pytest.mark.parametrize(
+    "setup, message",
+    [
+        (lambda p: None, "no such file or folder"),
+        (lambda p: p.write_text("x"), "expected a folder"),
+        (lambda p: p.mkdir(), "found neither CIFAR python-format files"),
+        (
+            lambda p: (
+                p.mkdir(),
+                (p / "data_batch_1").write_bytes(b"garbage"),
+                (p / "test_batch").write_bytes(b"x"),
+            ),
+            "not a CIFAR python-format batch",
+        ),
+        (
+            lambda p: (p.mkdir(), (p / "cls").mkdir(), (p / "cls" / "a.png").write_bytes(b"not png")),
+            "not a readable image",
+        ),
+    ],
+)
 def test_bad_data_is_reported(tmp_path, setup, message):
     target = tmp_path / "data"
     setup(target)

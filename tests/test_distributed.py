@@ -19,18 +19,17 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from conftest import assert_close_scaled, read_records
 from torch.nn.parallel import DistributedDataParallel
 
 import gradstats
 from gradstats import distributed
-from gradstats.tools import launch
-from gradstats.tools.checkpoint import load_checkpoint
-from gradstats.tools.cli import main as cli_main
 from gradstats.models import cifar_resnet
 from gradstats.stats import GradStats
 from gradstats.syncbn import GradStatSyncBatchNorm2d, convert_sync_batchnorm
-
-from conftest import assert_close_scaled, read_records
+from gradstats.tools import launch
+from gradstats.tools.checkpoint import load_checkpoint
+from gradstats.tools.cli import main as cli_main
 
 WORLD = 2
 LOCAL_BATCH = 4
@@ -38,7 +37,9 @@ STEPS = 3
 TOL = 1e-10
 
 pytestmark = [
-    pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed with gloo"),
+    pytest.mark.skipif(
+        not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed with gloo"
+    ),
     pytest.mark.usefixtures("one_thread"),  # tiny models: see conftest.one_thread
 ]
 
@@ -55,8 +56,13 @@ def _batches():
     """STEPS global batches of WORLD * LOCAL_BATCH 3x12x12 images, the same in every process."""
     g = torch.Generator().manual_seed(1)
     n = WORLD * LOCAL_BATCH
-    return [(torch.randn(n, 3, 12, 12, generator=g, dtype=torch.float64) + 0.3,
-             torch.randint(0, 5, (n,), generator=g)) for _ in range(STEPS)]
+    return [
+        (
+            torch.randn(n, 3, 12, 12, generator=g, dtype=torch.float64) + 0.3,
+            torch.randint(0, 5, (n,), generator=g),
+        )
+        for _ in range(STEPS)
+    ]
 
 
 def _recorders(model):
@@ -139,8 +145,10 @@ def test_two_ranks_equal_one_process_per_rank_batchnorm(tmp_path):
     results = _spawn(tmp_path, sync=False)
     # One process: the two halves normalised separately, each loss halved (DDP's average).
     model = _model(sync=False)
-    halves = lambda x, y: [(x[r * LOCAL_BATCH:(r + 1) * LOCAL_BATCH], y[r * LOCAL_BATCH:(r + 1) * LOCAL_BATCH],
-                            1.0 / WORLD) for r in range(WORLD)]  # noqa: E731
+    halves = lambda x, y: [
+        (x[r * LOCAL_BATCH : (r + 1) * LOCAL_BATCH], y[r * LOCAL_BATCH : (r + 1) * LOCAL_BATCH], 1.0 / WORLD)
+        for r in range(WORLD)
+    ]  # noqa: E731
     grads = _train(model, model, halves)
     names, expected = _accumulated(model)
     for rank, result in enumerate(results):
@@ -196,8 +204,19 @@ def test_sync_batchnorm_forward_with_nonfinite_input_is_nan_like_batchnorm(tmp_p
         x[1, 0, 2, 2] = float("inf")
         x[0, 2, 0, 0] = float("nan")
         sync, plain = GradStatSyncBatchNorm2d(3).double(), torch.nn.BatchNorm2d(3).double()
-        out = _SyncBatchNormWithGradStats.apply(x, sync.weight, sync.bias, sync.running_mean, sync.running_var,
-                                                sync.grad_stats_state, 0.1, sync.eps, 0.9, None, 1)
+        out = _SyncBatchNormWithGradStats.apply(
+            x,
+            sync.weight,
+            sync.bias,
+            sync.running_mean,
+            sync.running_var,
+            sync.grad_stats_state,
+            0.1,
+            sync.eps,
+            0.9,
+            None,
+            1,
+        )
         expected = plain(x)
         assert out[:, [0, 2]].isnan().all() and expected[:, [0, 2]].isnan().all()
         torch.testing.assert_close(out[:, 1], expected[:, 1], rtol=1e-12, atol=1e-12)
@@ -211,15 +230,48 @@ def test_torchrun_cli_sync_bn_matches_one_process(tmp_path):
     """`torchrun --nproc_per_node=2 -m gradstats train --sync-bn` logs what one process logs, also
     when it stops mid-interval and one process resumes it (its checkpoint holds both ranks'
     statistics, which the resumed run converts to its own units)."""
-    options = ["--depth", "8", "--batch-size", "32", "--steps", "4", "--log-every", "2", "--sync-bn",
-               "--dtype", "float64", "--no-progress", "--no-tensorboard", "--device", "cpu"]
+    options = [
+        "--depth",
+        "8",
+        "--batch-size",
+        "32",
+        "--steps",
+        "4",
+        "--log-every",
+        "2",
+        "--sync-bn",
+        "--dtype",
+        "float64",
+        "--no-progress",
+        "--no-tensorboard",
+        "--device",
+        "cpu",
+    ]
     one, two = tmp_path / "one", tmp_path / "two"
     assert cli_main(["train", "--out", str(one), *options]) == 0
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           "-m", "gradstats", "train", "--out", str(two), "--stop-at", "3", *options],
-                          env=env, capture_output=True, text=True, timeout=300,
-                          cwd=tmp_path)  # not the source folder, whose gradstats/ has no compiled extension
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            "-m",
+            "gradstats",
+            "train",
+            "--out",
+            str(two),
+            "--stop-at",
+            "3",
+            *options,
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )  # not the source folder, whose gradstats/ has no compiled extension
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert sorted(os.listdir(two)) == ["checkpoint.pt", "stats.jsonl"]  # rank 0 wrote, nothing else
     assert load_checkpoint(str(two / "checkpoint.pt"))["world_size"] == 2

@@ -15,13 +15,13 @@ import os
 
 import pytest
 import torch
+from conftest import DEVICES
 
 from gradstats.ops import bn_backward_stats, channel_moments
 
-from conftest import DEVICES
-
-pytestmark = pytest.mark.skipif(os.environ.get("GRADSTATS_RUN_SLOW") != "1",
-                                reason="needs ~13 GB; set GRADSTATS_RUN_SLOW=1")
+pytestmark = pytest.mark.skipif(
+    os.environ.get("GRADSTATS_RUN_SLOW") != "1", reason="needs ~13 GB; set GRADSTATS_RUN_SLOW=1"
+)
 
 SHAPE = (1, 1, 2**16, 2**15 + 8)  # 2**31 + 2**19 elements in one channel
 NUMEL = SHAPE[2] * SHAPE[3]
@@ -34,7 +34,7 @@ def _large_inputs(device):
     x.view(-1)[1::2] = -1
     dy = torch.ones(SHAPE, dtype=torch.bfloat16, device=device)
     tail = NUMEL - 2**31
-    dy.view(-1)[2**31:] = 2
+    dy.view(-1)[2**31 :] = 2
     return dy, x, tail
 
 

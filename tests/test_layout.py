@@ -50,19 +50,22 @@ def import_graph() -> dict[str, set[str]]:
 
 
 def _is_tool(module: str) -> bool:
-    return module == "gradstats.tools" or module.startswith("gradstats.tools.") or module == "gradstats.__main__"
+    return (
+        module == "gradstats.tools" or module.startswith("gradstats.tools.") or module == "gradstats.__main__"
+    )
 
 
 def test_the_graph_sees_the_package():
     graph = import_graph()
     assert "gradstats.nn" in graph and "gradstats.tools.cli" in graph
-    assert "gradstats.ops" in graph["gradstats.nn"]          # a relative import resolved
+    assert "gradstats.ops" in graph["gradstats.nn"]  # a relative import resolved
     assert "gradstats.tools.bench.cli" in graph["gradstats.tools.cli"]  # `from .bench import cli`
 
 
 def test_the_library_never_imports_a_tool():
-    upward = {(m, t) for m, targets in import_graph().items() if not _is_tool(m)
-              for t in targets if _is_tool(t)}
+    upward = {
+        (m, t) for m, targets in import_graph().items() if not _is_tool(m) for t in targets if _is_tool(t)
+    }
     assert not upward, f"library modules importing tools: {sorted(upward)}"
 
 
@@ -75,7 +78,7 @@ def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
         path.append(node)
         for nxt in sorted(graph.get(node, ())):
             if state.get(nxt) == 1:
-                return path[path.index(nxt):] + [nxt]
+                return path[path.index(nxt) :] + [nxt]
             if nxt not in state and (found := visit(nxt)):
                 return found
         path.pop()
@@ -91,13 +94,19 @@ def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
 def test_no_import_cycles():
     # A package's __init__ re-exporting its submodules is the one allowed back edge: the
     # submodules may import siblings through it only by naming the sibling module.
-    graph = {m: {t for t in targets if not (m.startswith(t + ".") and t != m)} for m, targets in import_graph().items()}
+    graph = {
+        m: {t for t in targets if not (m.startswith(t + ".") and t != m)}
+        for m, targets in import_graph().items()
+    }
     assert _cycle(graph) is None, f"import cycle: {' -> '.join(_cycle(graph))}"
 
 
-@pytest.mark.parametrize("graph, expected", [
-    ({"a": {"b"}, "b": {"a"}}, ["a", "b", "a"]),
-    ({"a": {"b"}, "b": {"c"}, "c": set()}, None),
-])
+@pytest.mark.parametrize(
+    "graph, expected",
+    [
+        ({"a": {"b"}, "b": {"a"}}, ["a", "b", "a"]),
+        ({"a": {"b"}, "b": {"c"}, "c": set()}, None),
+    ],
+)
 def test_the_cycle_finder_finds_cycles(graph, expected):
     assert _cycle(graph) == expected

@@ -6,11 +6,10 @@ import copy
 
 import pytest
 import torch
+from conftest import DEVICES, needs_cuda
 from torch import nn
 
 from gradstats import GradStatBatchNorm2d, convert_batchnorm, plain_state_dict
-
-from conftest import DEVICES, needs_cuda
 
 
 class _Block(nn.Module):
@@ -31,9 +30,14 @@ class _Block(nn.Module):
 
 def small_resnet():
     return nn.Sequential(
-        nn.Conv2d(3, 8, 3, 1, 1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
-        _Block(8, 8, 1), _Block(8, 16, 2),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10),
+        nn.Conv2d(3, 8, 3, 1, 1, bias=False),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        _Block(8, 8, 1),
+        _Block(8, 16, 2),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(16, 10),
     )
 
 
@@ -166,7 +170,9 @@ def test_accumulated_stats_equal_concatenated_gradients(device):
         counts = torch.tensor([p[:, 0].numel() for p in parts], dtype=torch.float64, device=device)
         total_w = (weights * counts).sum()
         mean = sum(w * s for w, s in zip(weights, sums)) / total_w
-        second = sum(w * ((p.double() - mean.reshape(1, -1, 1, 1)) ** 2).sum((0, 2, 3)) for w, p in zip(weights, parts))
+        second = sum(
+            w * ((p.double() - mean.reshape(1, -1, 1, 1)) ** 2).sum((0, 2, 3)) for w, p in zip(weights, parts)
+        )
         # per-step statistics carry float32 accumulation error (~1e-7); the merge adds none
         scale = torch.cat(parts).abs().mean().item()
         assert torch.allclose(got.mean, mean, rtol=1e-6, atol=1e-7 * scale)
@@ -187,9 +193,16 @@ def test_snapshots_do_not_change_after_later_steps():
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("config", [
-    dict(affine=False), dict(track_running_stats=False), dict(momentum=None), dict(eps=1e-3),
-], ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()))
+@pytest.mark.parametrize(
+    "config",
+    [
+        dict(affine=False),
+        dict(track_running_stats=False),
+        dict(momentum=None),
+        dict(eps=1e-3),
+    ],
+    ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()),
+)
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
 def test_options_match_batchnorm(device, config, train):
     torch.manual_seed(3)
@@ -231,7 +244,9 @@ def test_bad_input_errors_leave_statistics_untouched():
     with pytest.raises(ValueError, match="Expected more than 1 value per channel when training"):
         m(torch.randn(1, 3, 1, 1, requires_grad=True))
     # The exception types nn.BatchNorm2d raises, with messages that say what was expected.
-    with pytest.raises(RuntimeError, match=r"expected input with 3 channels \(dim 1\), got shape \(4, 5, 2, 2\)"):
+    with pytest.raises(
+        RuntimeError, match=r"expected input with 3 channels \(dim 1\), got shape \(4, 5, 2, 2\)"
+    ):
         m(torch.randn(4, 5, 2, 2, requires_grad=True))
     with pytest.raises(NotImplementedError, match="Long"):
         m(torch.randint(0, 3, (4, 3, 2, 2)))
@@ -363,4 +378,3 @@ def test_gradcheck_through_the_module():
         m.momentum = 0.0  # gradcheck calls forward many times; keep running stats fixed
         assert torch.autograd.gradcheck(lambda t: m(t), (x,))
         m.momentum = momentum
-

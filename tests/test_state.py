@@ -22,7 +22,9 @@ def _train(model, seed, steps=3):
 
 
 def _snapshot(model):
-    return {name: m.grad_stats_state.clone() for name, m in gradstats.batchnorms(model) + gradstats.probes(model)}
+    return {
+        name: m.grad_stats_state.clone() for name, m in gradstats.batchnorms(model) + gradstats.probes(model)
+    }
 
 
 def test_two_threads_on_two_models_keep_their_statistics_apart():
@@ -46,7 +48,9 @@ def test_two_threads_on_two_models_keep_their_statistics_apart():
             # Same model, same data: equal up to the float32 reduction order of the convolutions,
             # which two threads may split differently.
             assert torch.allclose(got[name], want[name], rtol=1e-4, atol=1e-12), name
-    differ = [not torch.equal(a, b) for a, b in zip(_snapshot(models[0]).values(), _snapshot(models[1]).values())]
+    differ = [
+        not torch.equal(a, b) for a, b in zip(_snapshot(models[0]).values(), _snapshot(models[1]).values())
+    ]
     assert all(differ)
 
 
@@ -62,8 +66,10 @@ def test_state_dict_round_trips_are_exact(tmp_path):
     fresh.load_state_dict(loaded)
     for (name, a), (_, b) in zip(_snapshot(model).items(), _snapshot(fresh).items()):
         assert torch.equal(a, b), name
-    assert torch.equal(fresh.layer1[0].bn1.accumulated_grad_stats.grad_output.var,
-                       model.layer1[0].bn1.accumulated_grad_stats.grad_output.var)
+    assert torch.equal(
+        fresh.layer1[0].bn1.accumulated_grad_stats.grad_output.var,
+        model.layer1[0].bn1.accumulated_grad_stats.grad_output.var,
+    )
 
     # The whole module through torch.save too (weights_only=False: a pickled module).
     buffer = io.BytesIO()
@@ -73,8 +79,10 @@ def test_state_dict_round_trips_are_exact(tmp_path):
     for (name, a), (_, b) in zip(_snapshot(model).items(), _snapshot(clone).items()):
         assert torch.equal(a, b), name
     _train(clone, 1, steps=1)  # and it keeps recording
-    assert clone.layer1[0].bn1.accumulated_grad_stats.grad_output.count.min() > \
-        model.layer1[0].bn1.accumulated_grad_stats.grad_output.count.min()
+    assert (
+        clone.layer1[0].bn1.accumulated_grad_stats.grad_output.count.min()
+        > model.layer1[0].bn1.accumulated_grad_stats.grad_output.count.min()
+    )
 
 
 def test_loading_a_state_dict_saved_before_nonfinite_counts():

@@ -11,14 +11,13 @@ import sys
 
 import pytest
 import torch
+from conftest import cli_error, read_records
 
 import gradstats
+from gradstats.models import cifar_resnet
 from gradstats.tools import trainer
 from gradstats.tools.cli import main as cli_main
-from gradstats.models import cifar_resnet
 from gradstats.tools.trainer import augment
-
-from conftest import cli_error, read_records
 
 FAST = ["--depth", "8", "--no-progress", "--device", "cpu"]
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -47,10 +46,29 @@ def test_cli_smoke_on_builtin_data(tmp_path):
     """`python -m gradstats train`, a few steps in seconds: every record parses and carries
     every BN layer and residual block, with the statistics of exactly its own interval."""
     out = tmp_path / "run"
-    proc = subprocess.run([sys.executable, "-m", "gradstats", "train", "--out", str(out), "--batch-size", "64",
-                           "--steps", "6", "--log-every", "2", "--no-tensorboard", *FAST],
-                          env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300,
-                          cwd=tmp_path)  # not the source folder, whose gradstats/ has no compiled extension
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "gradstats",
+            "train",
+            "--out",
+            str(out),
+            "--batch-size",
+            "64",
+            "--steps",
+            "6",
+            "--log-every",
+            "2",
+            "--no-tensorboard",
+            *FAST,
+        ],
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )  # not the source folder, whose gradstats/ has no compiled extension
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "digits" in proc.stdout and "test loss" in proc.stdout + proc.stderr
     model = gradstats.instrument(cifar_resnet(8))
@@ -81,9 +99,20 @@ def test_cli_smoke_on_builtin_data(tmp_path):
 
 def test_evaluates_each_epoch_on_an_image_folder(tmp_path, tiny_folder):
     # 19 training images, global batch 8: 2 steps per epoch.
-    summary = trainer.train(trainer.TrainConfig(
-        out=str(tmp_path), data=tiny_folder, depth=8, batch_size=8, epochs=2, log_every=3,
-        progress=False, tensorboard=False, device="cpu"), log=lambda *a: None)
+    summary = trainer.train(
+        trainer.TrainConfig(
+            out=str(tmp_path),
+            data=tiny_folder,
+            depth=8,
+            batch_size=8,
+            epochs=2,
+            log_every=3,
+            progress=False,
+            tensorboard=False,
+            device="cpu",
+        ),
+        log=lambda *a: None,
+    )
     assert summary["data"].startswith("ImageFolder")
     assert [e["step"] for e in summary["eval"]] == [2, 4]
     assert [r["step"] for r in read_records(tmp_path)] == [3, 4]  # every 3 steps, and at the end
@@ -114,25 +143,41 @@ def test_no_host_synchronisation_inside_training_steps(tmp_path, monkeypatch):
             inside.pop()
 
     monkeypatch.setattr(trainer.Trainer, "train_step", watched)
-    trainer.train(trainer.TrainConfig(
-        out=str(tmp_path), depth=8, batch_size=16, steps=5, log_every=2, augment=True,
-        progress=False, tensorboard=False, device="cpu"), log=lambda *a: None)
+    trainer.train(
+        trainer.TrainConfig(
+            out=str(tmp_path),
+            depth=8,
+            batch_size=16,
+            steps=5,
+            log_every=2,
+            augment=True,
+            progress=False,
+            tensorboard=False,
+            device="cpu",
+        ),
+        log=lambda *a: None,
+    )
     assert reads == []
     assert len(read_records(tmp_path)) == 3  # the logging steps did run (and read values)
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--batch-size", "0"], "--batch-size must be at least 1"),
-    (["--model", "vgg"], "--model 'vgg'"),
-    (["--variant", "nope"], "--variant 'nope'"),
-    (["--milestones", "0.5,2"], "--milestones"),
-    (["--log-every", "0"], "--log-every"),
-    (["--data", "/nonexistent/cifar"], "--data '/nonexistent/cifar': no such file or folder"),
-    (["--batch-size", "4096"], "--batch-size 4096 is larger than the 1438 training images"),
-    (["--device", "cuda:0"] if not torch.cuda.is_available() else ["--device", "nonsense"], "--device"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--batch-size", "0"], "--batch-size must be at least 1"),
+        (["--model", "vgg"], "--model 'vgg'"),
+        (["--variant", "nope"], "--variant 'nope'"),
+        (["--milestones", "0.5,2"], "--milestones"),
+        (["--log-every", "0"], "--log-every"),
+        (["--data", "/nonexistent/cifar"], "--data '/nonexistent/cifar': no such file or folder"),
+        (["--batch-size", "4096"], "--batch-size 4096 is larger than the 1438 training images"),
+        (["--device", "cuda:0"] if not torch.cuda.is_available() else ["--device", "nonsense"], "--device"),
+    ],
+)
 def test_bad_options_and_data_are_named(tmp_path, capsys, argv, message):
-    assert message in cli_error(["train", "--out", tmp_path / "run", "--depth", "8", "--no-progress", *argv], capsys)
+    assert message in cli_error(
+        ["train", "--out", tmp_path / "run", "--depth", "8", "--no-progress", *argv], capsys
+    )
 
 
 def test_malformed_cifar_folder_is_reported(tmp_path, capsys):
@@ -140,14 +185,19 @@ def test_malformed_cifar_folder_is_reported(tmp_path, capsys):
     data.mkdir()
     (data / "data_batch_1").write_bytes(b"not a pickle")
     (data / "test_batch").write_bytes(b"not a pickle")
-    assert "not a CIFAR python-format batch" in cli_error(["train", "--out", tmp_path / "run", "--data", data, *FAST],
-                                                          capsys)
+    assert "not a CIFAR python-format batch" in cli_error(
+        ["train", "--out", tmp_path / "run", "--data", data, *FAST], capsys
+    )
 
 
 def test_tensorboard_events_when_installed(tmp_path):
     pytest.importorskip("tensorboard")
-    assert cli_main(["train", "--out", str(tmp_path), "--batch-size", "32", "--steps", "2",
-                     "--log-every", "1", *FAST]) == 0
+    assert (
+        cli_main(
+            ["train", "--out", str(tmp_path), "--batch-size", "32", "--steps", "2", "--log-every", "1", *FAST]
+        )
+        == 0
+    )
     events = os.listdir(tmp_path / "tensorboard")
     assert any(name.startswith("events.out.tfevents") for name in events)
 
@@ -157,9 +207,20 @@ def test_torchvision_resnet18_is_instrumented(tmp_path, tiny_folder):
         import torchvision  # noqa: F401
     except Exception as error:  # a torchvision built for another torch raises RuntimeError
         pytest.skip(f"torchvision does not import: {error}")
-    summary = trainer.train(trainer.TrainConfig(
-        out=str(tmp_path), data=tiny_folder, model="resnet18", batch_size=4, steps=1, log_every=1,
-        progress=False, tensorboard=False, device="cpu"), log=lambda *a: None)
+    summary = trainer.train(
+        trainer.TrainConfig(
+            out=str(tmp_path),
+            data=tiny_folder,
+            model="resnet18",
+            batch_size=4,
+            steps=1,
+            log_every=1,
+            progress=False,
+            tensorboard=False,
+            device="cpu",
+        ),
+        log=lambda *a: None,
+    )
     assert len(summary["bn_layers"]) == 20 and len(summary["blocks"]) == 8
     record = read_records(tmp_path)[0]
     assert all(layer["count"] > 0 for layer in record["bn_layers"] + record["blocks"])
@@ -172,5 +233,5 @@ def test_augment_crops_and_flips():
     assert torch.equal(augment(images, centre, torch.tensor([True, False]))[0], images[0].flip(-1))
     shifted = augment(images, torch.tensor([[0, 8], [0, 8]]), torch.tensor([False, False]))
     assert torch.equal(shifted[0, :, 4:, 4:], images[0, :, :28, :28])  # content moved down-right
-    assert shifted[0, :, :4].abs().sum() == 0                           # zero padding above
+    assert shifted[0, :, :4].abs().sum() == 0  # zero padding above
     assert torch.equal(shifted[1, :, :28, :28], images[1, :, 4:, 4:])

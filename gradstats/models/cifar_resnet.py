@@ -21,7 +21,7 @@ plain model (nn.BatchNorm2d) and the instrumented one (GradStatBatchNorm2d).
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from torch import Tensor, nn
 
@@ -96,10 +96,19 @@ class PreActBlock(nn.Module):
 
 
 class CifarResNet(nn.Module):
-    def __init__(self, depth: int = 20, num_classes: int = 10, width: int = 1,
-                 norm_layer: NormLayer = nn.BatchNorm2d, in_channels: int = 3, *,
-                 preact: bool = False, bn: bool = True, skip: bool = True,
-                 zero_init: bool = False) -> None:
+    def __init__(
+        self,
+        depth: int = 20,
+        num_classes: int = 10,
+        width: int = 1,
+        norm_layer: NormLayer = nn.BatchNorm2d,
+        in_channels: int = 3,
+        *,
+        preact: bool = False,
+        bn: bool = True,
+        skip: bool = True,
+        zero_init: bool = False,
+    ) -> None:
         super().__init__()
         if depth < 8 or (depth - 2) % 6 != 0:
             raise ValueError(f"depth must be 6n + 2 with n >= 1 (20, 32, 44, 56, 110, ...), got {depth}")

@@ -20,11 +20,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .data import ImageData, load_dataset
-from .options import check_min, resolve_device
-from .logs import finite
 from ..models import VARIANTS, cifar_resnet_variant
 from ..nn import batchnorms, instrument, probes
+from .data import ImageData, load_dataset
+from .logs import finite
+from .options import check_min, resolve_device
 
 MAIN_VARIANTS = ["bn_skip", "bn", "skip", "plain"]
 
@@ -50,8 +50,10 @@ def parse_variants(text: str) -> tuple[str, ...]:
         return tuple(VARIANTS)
     unknown = [v for v in names if v not in VARIANTS]
     if unknown or not names:
-        raise ValueError(f"--variants: unknown {', '.join(unknown) or '(none given)'}; "
-                         f"choose from {', '.join(VARIANTS)} or 'all'")
+        raise ValueError(
+            f"--variants: unknown {', '.join(unknown) or '(none given)'}; "
+            f"choose from {', '.join(VARIANTS)} or 'all'"
+        )
     return tuple(dict.fromkeys(names))
 
 
@@ -98,20 +100,22 @@ def measure(model: nn.Module, data: ImageData, config: AnalysisConfig, generator
     for i, (name, probe) in enumerate(block_probes):
         g = probe.accumulated_grad_stats.grad_output
         var = g.var
-        blocks.append({
-            "index": i,
-            "name": name.removesuffix(".grad_probe"),
-            "stage": stages[i],
-            "stage_start": i == 0 or stages[i] != stages[i - 1],
-            "channels": probe.num_channels,
-            "grad_var": var.mean().item(),
-            "grad_mean": g.mean.mean().item(),
-            "grad_var_min": var.min().item(),
-            "grad_var_max": var.max().item(),
-            "grad_var_cv": (var.std(correction=0) / var.mean()).item() if var.numel() > 1 else 0.0,
-            "act_var": act_var[i],
-            "act_mean": act_mean[i],
-        })
+        blocks.append(
+            {
+                "index": i,
+                "name": name.removesuffix(".grad_probe"),
+                "stage": stages[i],
+                "stage_start": i == 0 or stages[i] != stages[i - 1],
+                "channels": probe.num_channels,
+                "grad_var": var.mean().item(),
+                "grad_mean": g.mean.mean().item(),
+                "grad_var_min": var.min().item(),
+                "grad_var_max": var.max().item(),
+                "grad_var_cv": (var.std(correction=0) / var.mean()).item() if var.numel() > 1 else 0.0,
+                "act_var": act_var[i],
+                "act_mean": act_mean[i],
+            }
+        )
     for i, block in enumerate(blocks):
         nxt = blocks[i + 1]["grad_var"] if i + 1 < len(blocks) else None
         block["ratio_to_next"] = block["grad_var"] / nxt if nxt else None
@@ -120,12 +124,17 @@ def measure(model: nn.Module, data: ImageData, config: AnalysisConfig, generator
     for name, layer in batchnorms(model):
         s = layer.accumulated_grad_stats
         dy_var, dx_var = s.grad_output.var.mean().item(), s.grad_input.var.mean().item()
-        bn_layers.append({
-            "name": name, "channels": layer.num_features,
-            "dy_var": dy_var, "dx_var": dx_var,
-            "dy_mean": s.grad_output.mean.mean().item(), "dx_mean": s.grad_input.mean.mean().item(),
-            "dx_over_dy": dx_var / dy_var if dy_var > 0 else None,
-        })
+        bn_layers.append(
+            {
+                "name": name,
+                "channels": layer.num_features,
+                "dy_var": dy_var,
+                "dx_var": dx_var,
+                "dy_mean": s.grad_output.mean.mean().item(),
+                "dx_mean": s.grad_input.mean.mean().item(),
+                "dx_over_dy": dx_var / dy_var if dy_var > 0 else None,
+            }
+        )
     return {"blocks": blocks, "bn_layers": bn_layers, "summary": summarize(blocks)}
 
 
@@ -138,9 +147,13 @@ def summarize(blocks: list[dict]) -> dict:
     return {
         "first_over_last": first / last if last > 0 else None,
         "within_stage_ratio_max": max(within) if within else None,
-        "within_stage_ratio_geomean": statistics.geometric_mean(within) if within and min(within) > 0 else None,
+        "within_stage_ratio_geomean": statistics.geometric_mean(within)
+        if within and min(within) > 0
+        else None,
         "transition_ratios": transitions,
-        "act_var_last_over_first": blocks[-1]["act_var"] / blocks[0]["act_var"] if blocks[0]["act_var"] > 0 else None,
+        "act_var_last_over_first": blocks[-1]["act_var"] / blocks[0]["act_var"]
+        if blocks[0]["act_var"] > 0
+        else None,
     }
 
 
@@ -159,8 +172,9 @@ def _train(model: nn.Module, data: ImageData, config: AnalysisConfig, generator:
 
 def analyze_variant(variant: str, config: AnalysisConfig, data: ImageData) -> dict:
     torch.manual_seed(config.seed)
-    model = cifar_resnet_variant(variant, config.depth, width=config.width, preact=config.preact,
-                                 num_classes=data.num_classes)
+    model = cifar_resnet_variant(
+        variant, config.depth, width=config.width, preact=config.preact, num_classes=data.num_classes
+    )
     model = instrument(model, record_activations=True).to(config.device)
     generator = torch.Generator().manual_seed(config.seed + 1)
     result = measure(model, data, config, generator)
@@ -181,11 +195,14 @@ def run(config: AnalysisConfig, log=print) -> dict:
         start = time.perf_counter()
         results[variant] = analyze_variant(variant, config, data)
         log(f"  {variant}: {time.perf_counter() - start:.1f} s")
-    return {"config": {**vars(config), "variants": list(config.variants), "data_description": data.describe()},
-            "variants": results}
+    return {
+        "config": {**vars(config), "variants": list(config.variants), "data_description": data.describe()},
+        "variants": results,
+    }
 
 
 # -- reporting ------------------------------------------------------------------------------------
+
 
 def format_report(result: dict) -> str:
     lines = []
@@ -196,28 +213,42 @@ def format_report(result: dict) -> str:
         if "after_steps" in r:
             parts.append((f"after {r['after_steps']['steps']} SGD steps", r["after_steps"]))
         for when, m in parts:
-            lines.append(f"\n{variant} ({form} CIFAR ResNet-{config['depth']}, width {config['width']}), {when}")
-            lines.append("  gradient variance at each residual block's output (skip stream), input side first;")
-            lines.append("  ratio = this block's gradient variance / the next block's (>1: growth towards the input)")
-            header = (f"  {'block':<12} {'stage':>5} {'C':>4} {'grad var':>11} {'channel min..max':>23} "
-                      f"{'ratio':>7} {'act var':>11}")
+            lines.append(
+                f"\n{variant} ({form} CIFAR ResNet-{config['depth']}, width {config['width']}), {when}"
+            )
+            lines.append(
+                "  gradient variance at each residual block's output (skip stream), input side first;"
+            )
+            lines.append(
+                "  ratio = this block's gradient variance / the next block's (>1: growth towards the input)"
+            )
+            header = (
+                f"  {'block':<12} {'stage':>5} {'C':>4} {'grad var':>11} {'channel min..max':>23} "
+                f"{'ratio':>7} {'act var':>11}"
+            )
             lines.append(header)
             lines.append("  " + "-" * (len(header) - 2))
             for b in m["blocks"]:
                 ratio = "" if b["ratio_to_next"] is None else f"{b['ratio_to_next']:.3f}"
                 mark = "  <- stage transition" if b["transition_to_next"] else ""
-                lines.append(f"  {b['name']:<12} {b['stage']:>5} {b['channels']:>4} {b['grad_var']:>11.3e} "
-                             f"{b['grad_var_min']:>11.2e}..{b['grad_var_max']:<10.2e} {ratio:>7} "
-                             f"{b['act_var']:>11.3e}{mark}")
-    lines.append("\ncomparison (gradient variance): first/last block, largest and geometric-mean block-to-block "
-                 "ratio within stages, ratios across stage transitions")
+                lines.append(
+                    f"  {b['name']:<12} {b['stage']:>5} {b['channels']:>4} {b['grad_var']:>11.3e} "
+                    f"{b['grad_var_min']:>11.2e}..{b['grad_var_max']:<10.2e} {ratio:>7} "
+                    f"{b['act_var']:>11.3e}{mark}"
+                )
+    lines.append(
+        "\ncomparison (gradient variance): first/last block, largest and geometric-mean block-to-block "
+        "ratio within stages, ratios across stage transitions"
+    )
     lines.append(f"  {'variant':<12} {'first/last':>12} {'max in-stage':>13} {'geomean':>9}  transitions")
     for variant, r in result["variants"].items():
         s = r["summary"]
         fmt = lambda v, f: "n/a" if v is None else format(v, f)  # noqa: E731
-        lines.append(f"  {variant:<12} {fmt(s['first_over_last'], '12.3g')} {fmt(s['within_stage_ratio_max'], '13.3f')} "
-                     f"{fmt(s['within_stage_ratio_geomean'], '9.3f')}  "
-                     + ", ".join(f"{t:.3f}" for t in s["transition_ratios"]))
+        lines.append(
+            f"  {variant:<12} {fmt(s['first_over_last'], '12.3g')} {fmt(s['within_stage_ratio_max'], '13.3f')} "
+            f"{fmt(s['within_stage_ratio_geomean'], '9.3f')}  "
+            + ", ".join(f"{t:.3f}" for t in s["transition_ratios"])
+        )
     return "\n".join(lines)
 
 
@@ -237,13 +268,23 @@ def plot(result: dict, path: str) -> None:
             if m is None:
                 continue
             idx = [b["index"] for b in m["blocks"]]
-            line = ax_grad.plot(idx, [b["grad_var"] for b in m["blocks"]], style, marker="o", ms=3,
-                                label=variant + suffix)[0]
-            ax_act.plot(idx, [b["act_var"] for b in m["blocks"]], style, marker="o", ms=3,
-                        color=line.get_color(), label=variant + suffix)
+            line = ax_grad.plot(
+                idx, [b["grad_var"] for b in m["blocks"]], style, marker="o", ms=3, label=variant + suffix
+            )[0]
+            ax_act.plot(
+                idx,
+                [b["act_var"] for b in m["blocks"]],
+                style,
+                marker="o",
+                ms=3,
+                color=line.get_color(),
+                label=variant + suffix,
+            )
     blocks = next(iter(result["variants"].values()))["blocks"]
-    for ax, title in ((ax_grad, "gradient variance at block output (backward)"),
-                      (ax_act, "activation variance at block output (forward)")):
+    for ax, title in (
+        (ax_grad, "gradient variance at block output (backward)"),
+        (ax_act, "activation variance at block output (forward)"),
+    ):
         for b in blocks:
             if b["stage_start"] and b["index"] > 0:
                 ax.axvline(b["index"] - 0.5, color="grey", lw=0.8, ls=":")
@@ -253,8 +294,10 @@ def plot(result: dict, path: str) -> None:
         ax.grid(True, which="both", alpha=0.3)
     ax_grad.legend(fontsize=8)
     form = "pre-activation" if config["preact"] else "post-activation"
-    fig.suptitle(f"{form} CIFAR ResNet-{config['depth']}, batch {config['batch_size']}, {config['data_description']}",
-                 fontsize=9)
+    fig.suptitle(
+        f"{form} CIFAR ResNet-{config['depth']}, batch {config['batch_size']}, {config['data_description']}",
+        fontsize=9,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -262,18 +305,23 @@ def plot(result: dict, path: str) -> None:
 
 # -- command line ---------------------------------------------------------------------------------
 
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--depth", type=int, default=32, help="CIFAR ResNet depth 6n+2 (default 32)")
-    parser.add_argument("--variants", default="all",
-                        help=f"comma list of {', '.join(VARIANTS)}, or 'all' (default)")
+    parser.add_argument(
+        "--variants", default="all", help=f"comma list of {', '.join(VARIANTS)}, or 'all' (default)"
+    )
     parser.add_argument("--preact", action="store_true", help="pre-activation blocks (He et al. 2016b)")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--batches", type=int, default=2, help="forward/backward passes measured per point")
     parser.add_argument("--width", type=int, default=1, help="channel multiplier (16, 32, 64 times width)")
     parser.add_argument("--steps", type=int, default=0, help="also analyse after this many SGD steps")
     parser.add_argument("--lr", type=float, default=0.05, help="SGD learning rate for --steps")
-    parser.add_argument("--data", default="builtin",
-                        help="'builtin' (bundled digits), a CIFAR-10/100 python-format folder, or an ImageFolder folder")
+    parser.add_argument(
+        "--data",
+        default="builtin",
+        help="'builtin' (bundled digits), a CIFAR-10/100 python-format folder, or an ImageFolder folder",
+    )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", metavar="PATH", help="write the results as JSON")
@@ -283,10 +331,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def config_from_args(args: argparse.Namespace) -> AnalysisConfig:
     check_min(args, ("batch_size", "batches", "width"), 1)
     check_min(args, ("steps",), 0)
-    return AnalysisConfig(depth=args.depth, variants=parse_variants(args.variants), preact=args.preact,
-                          batch_size=args.batch_size, batches=args.batches, width=args.width,
-                          steps=args.steps, lr=args.lr, data=args.data, device=str(resolve_device(args.device)),
-                          seed=args.seed)
+    return AnalysisConfig(
+        depth=args.depth,
+        variants=parse_variants(args.variants),
+        preact=args.preact,
+        batch_size=args.batch_size,
+        batches=args.batches,
+        width=args.width,
+        steps=args.steps,
+        lr=args.lr,
+        data=args.data,
+        device=str(resolve_device(args.device)),
+        seed=args.seed,
+    )
 
 
 def main(args: argparse.Namespace) -> int:

@@ -89,15 +89,21 @@ def load_checkpoint(path: str, map_location: str | torch.device = "cpu") -> dict
     if version != VERSION:
         raise CheckpointError(f"{path}: checkpoint format {version}; this gradstats reads format {VERSION}")
     if len(payload) < length:
-        raise CheckpointError(f"{path}: truncated checkpoint: {len(payload)} of {length} payload bytes present")
+        raise CheckpointError(
+            f"{path}: truncated checkpoint: {len(payload)} of {length} payload bytes present"
+        )
     if len(payload) > length:
-        raise CheckpointError(f"{path}: corrupted checkpoint: {len(payload) - length} bytes beyond the payload")
+        raise CheckpointError(
+            f"{path}: corrupted checkpoint: {len(payload) - length} bytes beyond the payload"
+        )
     if hashlib.sha256(payload).hexdigest() != digest:
         raise CheckpointError(f"{path}: corrupted checkpoint: the payload's sha256 does not match its header")
     try:
         state = torch.load(io.BytesIO(payload), map_location=map_location, weights_only=True)
     except Exception as error:  # the checksum matched, so this was written that way
-        raise CheckpointError(f"{path}: checkpoint payload does not load ({type(error).__name__}: {error})") from error
+        raise CheckpointError(
+            f"{path}: checkpoint payload does not load ({type(error).__name__}: {error})"
+        ) from error
     if not isinstance(state, dict):
         raise CheckpointError(f"{path}: checkpoint holds a {type(state).__name__}, expected a dict")
     return state

@@ -17,9 +17,24 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, module, run, help in (
         ("demo", demo, demo.run, "one training step of an instrumented ResNet, per-layer gradient table"),
-        ("bench", bench, bench.main, "time the fused op against PyTorch's backward (and --e2e, a training step)"),
-        ("analyze", analyze, analyze.main, "gradient variance per residual block for BN/skip ablations (arXiv 1812.00342)"),
-        ("train", train, train.main, "train a ResNet, logging gradient statistics; checkpoints, resume, torchrun"),
+        (
+            "bench",
+            bench,
+            bench.main,
+            "time the fused op against PyTorch's backward (and --e2e, a training step)",
+        ),
+        (
+            "analyze",
+            analyze,
+            analyze.main,
+            "gradient variance per residual block for BN/skip ablations (arXiv 1812.00342)",
+        ),
+        (
+            "train",
+            train,
+            train.main,
+            "train a ResNet, logging gradient statistics; checkpoints, resume, torchrun",
+        ),
     ):
         p = commands.add_parser(name, help=help)
         module.add_arguments(p)

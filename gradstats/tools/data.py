@@ -44,8 +44,10 @@ class ImageData:
     num_classes: int
 
     def describe(self) -> str:
-        return (f"{self.name}: {len(self.train_labels)} train / {len(self.test_labels)} test images, "
-                f"{self.num_classes} classes, 3x{IMAGE_SIZE}x{IMAGE_SIZE}")
+        return (
+            f"{self.name}: {len(self.train_labels)} train / {len(self.test_labels)} test images, "
+            f"{self.num_classes} classes, 3x{IMAGE_SIZE}x{IMAGE_SIZE}"
+        )
 
 
 def load_dataset(spec: str = "builtin", *, test_fraction: float = 0.2, seed: int = 0) -> ImageData:
@@ -55,8 +57,10 @@ def load_dataset(spec: str = "builtin", *, test_fraction: float = 0.2, seed: int
         images, labels = _digits()
         return _finish("digits (scikit-learn, built in)", *_split(images, labels, test_fraction, seed))
     if not os.path.exists(spec):
-        raise DataError(f"--data {spec!r}: no such file or folder (use 'builtin', a CIFAR-10/100 "
-                        f"python-format folder, or an ImageFolder folder)")
+        raise DataError(
+            f"--data {spec!r}: no such file or folder (use 'builtin', a CIFAR-10/100 "
+            f"python-format folder, or an ImageFolder folder)"
+        )
     if not os.path.isdir(spec):
         raise DataError(f"--data {spec!r}: expected a folder, got a file")
     cifar = _find_cifar(spec)
@@ -69,8 +73,14 @@ def _finish(name, train_images, train_labels, test_images, test_labels) -> Image
     mean = train_images.mean(dim=(0, 2, 3), keepdim=True)
     std = train_images.std(dim=(0, 2, 3), keepdim=True).clamp_min(1e-6)
     num_classes = int(max(train_labels.max().item(), test_labels.max().item() if len(test_labels) else 0)) + 1
-    return ImageData(name, ((train_images - mean) / std).contiguous(), train_labels,
-                     ((test_images - mean) / std).contiguous(), test_labels, num_classes)
+    return ImageData(
+        name,
+        ((train_images - mean) / std).contiguous(),
+        train_labels,
+        ((test_images - mean) / std).contiguous(),
+        test_labels,
+        num_classes,
+    )
 
 
 def _split(images: Tensor, labels: Tensor, test_fraction: float, seed: int):
@@ -93,10 +103,15 @@ def _digits() -> tuple[Tensor, Tensor]:
 
 # -- CIFAR python format --------------------------------------------------------------------------
 
+
 def _find_cifar(folder: str) -> ImageData | None:
     """CIFAR-10 (data_batch_*, test_batch) or CIFAR-100 (train, test) in ``folder`` or in the
     sub-folder its tarball unpacks to; None when neither is there."""
-    for root in (folder, os.path.join(folder, "cifar-10-batches-py"), os.path.join(folder, "cifar-100-python")):
+    for root in (
+        folder,
+        os.path.join(folder, "cifar-10-batches-py"),
+        os.path.join(folder, "cifar-100-python"),
+    ):
         if not os.path.isdir(root):
             continue
         names = set(os.listdir(root))
@@ -104,8 +119,9 @@ def _find_cifar(folder: str) -> ImageData | None:
         if batches and "test_batch" in names:
             train = [_cifar_file(os.path.join(root, n), b"labels") for n in batches]
             test = _cifar_file(os.path.join(root, "test_batch"), b"labels")
-            return _finish("CIFAR-10 " + root, torch.cat([t[0] for t in train]),
-                           torch.cat([t[1] for t in train]), *test)
+            return _finish(
+                "CIFAR-10 " + root, torch.cat([t[0] for t in train]), torch.cat([t[1] for t in train]), *test
+            )
         if {"train", "test"} <= names and os.path.isfile(os.path.join(root, "train")):
             train = _cifar_file(os.path.join(root, "train"), b"fine_labels")
             test = _cifar_file(os.path.join(root, "test"), b"fine_labels")
@@ -120,16 +136,20 @@ def _cifar_file(path: str, label_key: bytes) -> tuple[Tensor, Tensor]:
         data = np.asarray(batch[b"data"], dtype=np.uint8)
         labels = np.asarray(batch[label_key], dtype=np.int64)
     except (OSError, pickle.UnpicklingError, EOFError, KeyError, TypeError, ValueError) as error:
-        raise DataError(f"{path}: not a CIFAR python-format batch ({type(error).__name__}: {error}); "
-                        f"expected a pickled dict with b'data' (N x 3072 uint8) and {label_key!r}") from error
+        raise DataError(
+            f"{path}: not a CIFAR python-format batch ({type(error).__name__}: {error}); "
+            f"expected a pickled dict with b'data' (N x 3072 uint8) and {label_key!r}"
+        ) from error
     if data.ndim != 2 or data.shape[1] != 3 * IMAGE_SIZE * IMAGE_SIZE or len(labels) != len(data):
-        raise DataError(f"{path}: b'data' has shape {data.shape} and {len(labels)} labels; "
-                        f"expected N x 3072 and N labels")
+        raise DataError(
+            f"{path}: b'data' has shape {data.shape} and {len(labels)} labels; expected N x 3072 and N labels"
+        )
     images = torch.from_numpy(data.reshape(-1, 3, IMAGE_SIZE, IMAGE_SIZE).astype(np.float32) / 255.0)
     return images, torch.from_numpy(labels)
 
 
 # -- ImageFolder ----------------------------------------------------------------------------------
+
 
 def _image_folder(folder: str, test_fraction: float, seed: int) -> ImageData:
     train_dir, test_dir = os.path.join(folder, "train"), os.path.join(folder, "test")
@@ -146,8 +166,10 @@ def _image_folder(folder: str, test_fraction: float, seed: int) -> ImageData:
 def _classes(folder: str) -> list[str]:
     classes = sorted(d for d in os.listdir(folder) if os.path.isdir(os.path.join(folder, d)))
     if not classes:
-        raise DataError(f"{folder}: found neither CIFAR python-format files (data_batch_1.., "
-                        f"test_batch, or train/test) nor class sub-folders of images (ImageFolder)")
+        raise DataError(
+            f"{folder}: found neither CIFAR python-format files (data_batch_1.., "
+            f"test_batch, or train/test) nor class sub-folders of images (ImageFolder)"
+        )
     return classes
 
 
@@ -173,6 +195,7 @@ def _read_images(folder: str, classes: list[str]) -> tuple[Tensor, Tensor]:
             images.append(torch.from_numpy(np.asarray(rgb, dtype=np.float32) / 255.0).permute(2, 0, 1))
             labels.append(label)
     if not images:
-        raise DataError(f"{folder}: the class folders {classes[:5]} hold no image files "
-                        f"({', '.join(_IMAGE_SUFFIXES)})")
+        raise DataError(
+            f"{folder}: the class folders {classes[:5]} hold no image files ({', '.join(_IMAGE_SUFFIXES)})"
+        )
     return torch.stack(images), torch.tensor(labels, dtype=torch.int64)

@@ -10,11 +10,11 @@ import torch
 import torch.nn.functional as F
 
 from .. import __version__
-from .data import load_dataset
-from .options import resolve_device
 from ..models import cifar_resnet
 from ..nn import batchnorms, convert_batchnorm
 from ..ops import cpu_capability, cuda_kernels_built
+from .data import load_dataset
+from .options import resolve_device
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -28,8 +28,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)
     device = resolve_device(args.device)
-    print(f"gradstats {__version__}: CPU kernels {cpu_capability()}, "
-          f"CUDA kernels {'built' if cuda_kernels_built() else 'not built'}; device {device}")
+    print(
+        f"gradstats {__version__}: CPU kernels {cpu_capability()}, "
+        f"CUDA kernels {'built' if cuda_kernels_built() else 'not built'}; device {device}"
+    )
     model = convert_batchnorm(cifar_resnet(args.depth)).to(device)
     layers = batchnorms(model)
     print(f"CIFAR ResNet-{args.depth}: {len(layers)} BatchNorm layers converted to GradStatBatchNorm2d")
@@ -51,8 +53,10 @@ def run(args: argparse.Namespace) -> int:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     elapsed = time.perf_counter() - start
-    print(f"one SGD step on {len(labels)} built-in digit images (8x8 upscaled to 32x32): "
-          f"loss {loss.item():.3f}, {elapsed * 1e3:.0f} ms\n")
+    print(
+        f"one SGD step on {len(labels)} built-in digit images (8x8 upscaled to 32x32): "
+        f"loss {loss.item():.3f}, {elapsed * 1e3:.0f} ms\n"
+    )
 
     print("Per-channel statistics of the gradient each layer received (dy) and passed on (dx),")
     print("averaged over channels; var is the population variance over (N, H, W).")
@@ -64,6 +68,8 @@ def run(args: argparse.Namespace) -> int:
         dy, dx = stats.grad_output, stats.grad_input
         var_dy, var_dx = dy.var.mean().item(), dx.var.mean().item()
         ratio = var_dx / var_dy if var_dy > 0 else float("nan")
-        print(f"{name:<22} {layer.num_features:>4} {int(dy.count.max()):>7} {dy.mean.mean().item():>11.3e} {var_dy:>10.3e} "
-              f"{dx.mean.mean().item():>11.3e} {var_dx:>10.3e} {ratio:>10.3g}")
+        print(
+            f"{name:<22} {layer.num_features:>4} {int(dy.count.max()):>7} {dy.mean.mean().item():>11.3e} {var_dy:>10.3e} "
+            f"{dx.mean.mean().item():>11.3e} {var_dx:>10.3e} {ratio:>10.3g}"
+        )
     return 0

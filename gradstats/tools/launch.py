@@ -40,13 +40,15 @@ def setup(device: str = "auto") -> DistContext:
     nccl on CUDA. An already initialised group is used as it is; no environment, one process."""
     if dist.is_available() and dist.is_initialized():
         local_rank = int(os.environ.get("LOCAL_RANK", dist.get_rank()))
-        ctx = DistContext(dist.get_rank(), dist.get_world_size(), local_rank,
-                          resolve_device(device, local_rank))
+        ctx = DistContext(
+            dist.get_rank(), dist.get_world_size(), local_rank, resolve_device(device, local_rank)
+        )
     else:
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        ctx = DistContext(int(os.environ.get("RANK", "0")), world_size, local_rank,
-                          resolve_device(device, local_rank))
+        ctx = DistContext(
+            int(os.environ.get("RANK", "0")), world_size, local_rank, resolve_device(device, local_rank)
+        )
         if world_size > 1:
             cuda = ctx.device.type == "cuda"
             dist.init_process_group("nccl" if cuda else "gloo", device_id=ctx.device if cuda else None)

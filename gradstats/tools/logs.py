@@ -141,6 +141,7 @@ def truncate_records(path: str, last_step: int) -> None:
 
 # -- plots ----------------------------------------------------------------------------------------
 
+
 def plot_block_variance(records: list[dict[str, Any]], out: str) -> list[str]:
     """Two PNGs in ``out``: gradient variance per residual block over training (heat map, block
     x logged step, log10 colour) and the per-block curve at the first and last logged steps.
@@ -161,9 +162,16 @@ def plot_block_variance(records: list[dict[str, Any]], out: str) -> list[str]:
         logvar = np.log10(np.where(var > 0, var, np.nan))
 
     heatmap = os.path.join(out, "grad_var_heatmap.png")
-    fig, ax = plt.subplots(figsize=(max(7.5, min(14.0, 0.15 * len(steps) + 5)), max(3.5, 0.22 * len(names) + 1.8)))
-    image = ax.imshow(logvar, aspect="auto", interpolation="nearest", cmap="viridis",
-                      extent=(-0.5, len(steps) - 0.5, len(names) - 0.5, -0.5))
+    fig, ax = plt.subplots(
+        figsize=(max(7.5, min(14.0, 0.15 * len(steps) + 5)), max(3.5, 0.22 * len(names) + 1.8))
+    )
+    image = ax.imshow(
+        logvar,
+        aspect="auto",
+        interpolation="nearest",
+        cmap="viridis",
+        extent=(-0.5, len(steps) - 0.5, len(names) - 0.5, -0.5),
+    )
     ticks = np.unique(np.linspace(0, len(steps) - 1, min(len(steps), 10)).round().astype(int))
     ax.set_xticks(ticks, [str(steps[i]) for i in ticks])
     ax.set_yticks(range(len(names)), names, fontsize=7)

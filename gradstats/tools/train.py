@@ -11,15 +11,33 @@ import argparse
 import os
 from dataclasses import fields
 
-from .checkpoint import CheckpointError, load_checkpoint
 from ..models import VARIANTS
+from .checkpoint import CheckpointError, load_checkpoint
 from .trainer import CHECKPOINT, DTYPES, TORCHVISION_MODELS, TrainConfig, train
 
 # What defines a run: --resume refuses values different from the checkpoint's (other options may
 # change, e.g. --log-every, --device).
-RUN_FIELDS = ("data", "model", "depth", "width", "preact", "variant", "epochs", "steps", "batch_size",
-              "lr", "momentum", "weight_decay", "schedule", "milestones", "gamma", "augment",
-              "sync_bn", "dtype", "seed")
+RUN_FIELDS = (
+    "data",
+    "model",
+    "depth",
+    "width",
+    "preact",
+    "variant",
+    "epochs",
+    "steps",
+    "batch_size",
+    "lr",
+    "momentum",
+    "weight_decay",
+    "schedule",
+    "milestones",
+    "gamma",
+    "augment",
+    "sync_bn",
+    "dtype",
+    "seed",
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -28,9 +46,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     # others continue as the checkpoint's run had them (--stop-at excepted).
     add = parser.add_argument
     add("--out", help=f"output folder (default {d.out}; with --resume PATH, PATH's folder)")
-    add("--data", help="'builtin' (scikit-learn's 1,797 digits, default), a CIFAR-10/100 python-format folder, "
-                       "or an ImageFolder folder")
-    add("--model", help=f"cifar_resnet (default) or a torchvision {', '.join(TORCHVISION_MODELS)} (CIFAR stem)")
+    add(
+        "--data",
+        help="'builtin' (scikit-learn's 1,797 digits, default), a CIFAR-10/100 python-format folder, "
+        "or an ImageFolder folder",
+    )
+    add(
+        "--model",
+        help=f"cifar_resnet (default) or a torchvision {', '.join(TORCHVISION_MODELS)} (CIFAR stem)",
+    )
     add("--depth", type=int, help=f"cifar_resnet depth 6n+2 (default {d.depth})")
     add("--width", type=int, help="cifar_resnet channel multiplier (default 1)")
     add("--preact", action="store_true", default=None, help="cifar_resnet: pre-activation blocks")
@@ -44,37 +68,71 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--schedule", choices=["cosine", "step"], help="per-step learning-rate schedule (default cosine)")
     add("--milestones", type=_fractions, help="step schedule: comma list of run fractions (default 0.5,0.75)")
     add("--gamma", type=float, help=f"step schedule: factor at each milestone (default {d.gamma})")
-    add("--augment", action="store_true", default=None, help="random crops (4-pixel padding) and horizontal flips")
-    add("--sync-bn", action="store_true", default=None,
-        help="BN statistics over the global batch across processes (GradStatSyncBatchNorm2d)")
+    add(
+        "--augment",
+        action="store_true",
+        default=None,
+        help="random crops (4-pixel padding) and horizontal flips",
+    )
+    add(
+        "--sync-bn",
+        action="store_true",
+        default=None,
+        help="BN statistics over the global batch across processes (GradStatSyncBatchNorm2d)",
+    )
     add("--dtype", choices=list(DTYPES), help="model and data dtype (default float32)")
     add("--seed", type=int, help="(default 0)")
-    add("--log-every", type=int, metavar="K",
-        help=f"record gradient statistics every K steps (default {d.log_every})")
+    add(
+        "--log-every",
+        type=int,
+        metavar="K",
+        help=f"record gradient statistics every K steps (default {d.log_every})",
+    )
     add("--checkpoint-every", type=int, metavar="N", help="checkpoint every N steps (default: each epoch)")
-    add("--stop-at", type=int, metavar="STEP", help="stop after this step, with a checkpoint, to --resume later")
-    add("--resume", nargs="?", const="auto", metavar="PATH",
-        help="continue the run in a checkpoint (default OUT/checkpoint.pt)")
+    add(
+        "--stop-at",
+        type=int,
+        metavar="STEP",
+        help="stop after this step, with a checkpoint, to --resume later",
+    )
+    add(
+        "--resume",
+        nargs="?",
+        const="auto",
+        metavar="PATH",
+        help="continue the run in a checkpoint (default OUT/checkpoint.pt)",
+    )
     add("--device", help="auto (default: CUDA if available), cpu, cuda, cuda:N")
     add("--eval-batch-size", type=int, help=f"(default {d.eval_batch_size})")
     add("--no-progress", dest="progress", action="store_const", const=False, help="no progress bar")
-    add("--no-tensorboard", dest="tensorboard", action="store_const", const=False,
-        help="no TensorBoard events even if tensorboard is installed")
+    add(
+        "--no-tensorboard",
+        dest="tensorboard",
+        action="store_const",
+        const=False,
+        help="no TensorBoard events even if tensorboard is installed",
+    )
 
 
 def _fractions(text: str) -> list[float]:
     try:
         return [float(v) for v in text.split(",") if v.strip()]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated fractions like 0.5,0.75, got {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated fractions like 0.5,0.75, got {text!r}"
+        ) from None
 
 
 def config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, dict | None]:
     """The run's configuration and, with --resume, the checkpoint it continues."""
-    given = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if getattr(args, f.name, None) is not None}
+    given = {
+        f.name: getattr(args, f.name) for f in fields(TrainConfig) if getattr(args, f.name, None) is not None
+    }
     resume = None
     if args.resume is not None:
-        out = given.get("out") or (TrainConfig.out if args.resume == "auto" else os.path.dirname(args.resume) or ".")
+        out = given.get("out") or (
+            TrainConfig.out if args.resume == "auto" else os.path.dirname(args.resume) or "."
+        )
         path = os.path.join(out, CHECKPOINT) if args.resume == "auto" else args.resume
         try:
             resume = load_checkpoint(path)
@@ -85,16 +143,22 @@ def config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, dict | None
         saved = resume["config"]
         conflicts = [k for k in RUN_FIELDS if k in given and given[k] != saved[k]]
         if conflicts:
-            raise ValueError("--resume: the checkpoint's run has " + ", ".join(
-                f"--{k.replace('_', '-')} {saved[k]} (this command: {given[k]})" for k in conflicts)
-                + "; leave them out to continue the run as it was")
+            raise ValueError(
+                "--resume: the checkpoint's run has "
+                + ", ".join(
+                    f"--{k.replace('_', '-')} {saved[k]} (this command: {given[k]})" for k in conflicts
+                )
+                + "; leave them out to continue the run as it was"
+            )
         known = {f.name for f in fields(TrainConfig)}
         given = {**{k: v for k, v in saved.items() if k in known}, "stop_at": 0, **given, "out": out}
     config = TrainConfig(**given)
     config.validate()
     if resume is None and os.path.exists(os.path.join(config.out, CHECKPOINT)):
-        raise ValueError(f"--out {config.out} already holds a run ({CHECKPOINT}); continue it with --resume, "
-                         f"or choose another --out")
+        raise ValueError(
+            f"--out {config.out} already holds a run ({CHECKPOINT}); continue it with --resume, "
+            f"or choose another --out"
+        )
     return config, resume
 
 

@@ -23,17 +23,19 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import distributed
-from . import launch, logs
-from .checkpoint import save_checkpoint
-from .options import check_min
-from .data import load_dataset
 from ..models import VARIANTS, cifar_resnet_variant
 from ..nn import batchnorms, instrument, probes
 from ..syncbn import convert_sync_batchnorm
+from . import launch, logs
+from .checkpoint import save_checkpoint
+from .data import load_dataset
+from .options import check_min
 
 CHECKPOINT = "checkpoint.pt"
 TORCHVISION_MODELS = ("resnet18", "resnet34", "resnet50")
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
 @dataclass
 class TrainConfig:
     out: str = "runs/train"
@@ -44,8 +46,8 @@ class TrainConfig:
     preact: bool = False
     variant: str = "bn_skip"
     epochs: int = 10
-    steps: int = 0                 # total steps (the schedule's length); 0: epochs x steps per epoch
-    batch_size: int = 128          # global: split over the processes
+    steps: int = 0  # total steps (the schedule's length); 0: epochs x steps per epoch
+    batch_size: int = 128  # global: split over the processes
     lr: float = 0.1
     momentum: float = 0.9
     weight_decay: float = 5e-4
@@ -57,8 +59,8 @@ class TrainConfig:
     dtype: str = "float32"
     seed: int = 0
     log_every: int = 50
-    checkpoint_every: int = 0      # steps; 0: at the end of each epoch
-    stop_at: int = 0               # stop (with a checkpoint) after this step; 0: run to the end
+    checkpoint_every: int = 0  # steps; 0: at the end of each epoch
+    stop_at: int = 0  # stop (with a checkpoint) after this step; 0: run to the end
     device: str = "auto"
     progress: bool = True
     tensorboard: bool = True
@@ -66,7 +68,9 @@ class TrainConfig:
 
     def validate(self) -> None:
         if self.model != "cifar_resnet" and self.model not in TORCHVISION_MODELS:
-            raise ValueError(f"--model {self.model!r}: choose cifar_resnet or {', '.join(TORCHVISION_MODELS)}")
+            raise ValueError(
+                f"--model {self.model!r}: choose cifar_resnet or {', '.join(TORCHVISION_MODELS)}"
+            )
         if self.variant not in VARIANTS:
             raise ValueError(f"--variant {self.variant!r}: choose from {', '.join(VARIANTS)}")
         if self.schedule not in ("cosine", "step"):
@@ -74,7 +78,9 @@ class TrainConfig:
         if self.dtype not in DTYPES:
             raise ValueError(f"--dtype {self.dtype!r}: choose from {', '.join(DTYPES)}")
         check_min(self, ("epochs", "batch_size", "log_every", "eval_batch_size", "width"), 1)
-        check_min(self, ("steps", "checkpoint_every", "stop_at", "lr", "momentum", "weight_decay", "gamma"), 0)
+        check_min(
+            self, ("steps", "checkpoint_every", "stop_at", "lr", "momentum", "weight_decay", "gamma"), 0
+        )
         if not all(0 < m < 1 for m in self.milestones):
             raise ValueError(f"--milestones must be fractions of the run in (0, 1), got {self.milestones}")
 
@@ -88,14 +94,17 @@ def build_model(config: TrainConfig, num_classes: int) -> nn.Module:
     """The instrumented model: every BN layer records dy/dx statistics, every residual block's
     output a probe. --sync-bn converts the BN layers to GradStatSyncBatchNorm2d first."""
     if config.model == "cifar_resnet":
-        model = cifar_resnet_variant(config.variant, config.depth, num_classes=num_classes,
-                                     width=config.width, preact=config.preact)
+        model = cifar_resnet_variant(
+            config.variant, config.depth, num_classes=num_classes, width=config.width, preact=config.preact
+        )
     else:
         try:
             import torchvision
         except Exception as error:  # a torchvision built for another torch raises RuntimeError
-            raise ValueError(f"--model {config.model} needs torchvision, which does not import here "
-                             f"({type(error).__name__}: {error})") from error
+            raise ValueError(
+                f"--model {config.model} needs torchvision, which does not import here "
+                f"({type(error).__name__}: {error})"
+            ) from error
         model = getattr(torchvision.models, config.model)(num_classes=num_classes)
         # The usual CIFAR stem: 32x32 inputs keep their resolution into the first stage.
         model.conv1 = nn.Conv2d(3, model.conv1.out_channels, 3, 1, 1, bias=False)
@@ -131,8 +140,9 @@ class Trainer:
     """One run: data, model, optimizer and schedule, the step loop, logging, evaluation and
     checkpoints. Only rank 0 writes files or prints."""
 
-    def __init__(self, config: TrainConfig, ctx: launch.DistContext, resume: dict | None = None,
-                 log=print) -> None:
+    def __init__(
+        self, config: TrainConfig, ctx: launch.DistContext, resume: dict | None = None, log=print
+    ) -> None:
         self.config, self.ctx = config, ctx
         self.log = log if ctx.is_main else (lambda *a, **k: None)
         self.device, self.dtype = ctx.device, DTYPES[config.dtype]
@@ -140,8 +150,10 @@ class Trainer:
         self.data_description = data.describe()
         self.global_batch = config.batch_size
         if self.global_batch % ctx.world_size:
-            raise ValueError(f"--batch-size {self.global_batch} (the global batch) must be divisible by "
-                             f"the number of processes, {ctx.world_size}")
+            raise ValueError(
+                f"--batch-size {self.global_batch} (the global batch) must be divisible by "
+                f"the number of processes, {ctx.world_size}"
+            )
         self.local_batch = self.global_batch // ctx.world_size
         n_train = len(data.train_labels)
         self.steps_per_epoch = n_train // self.global_batch
@@ -159,8 +171,9 @@ class Trainer:
         self.n_bn = len(bns)
         self.recorders = bns + [(name.removesuffix(".grad_probe"), m) for name, m in probes(self.model)]
         self.recorder_modules = [m for _, m in self.recorders]
-        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=config.lr, momentum=config.momentum,
-                                         weight_decay=config.weight_decay)
+        self.optimizer = torch.optim.SGD(
+            self.model.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
+        )
         self.schedule = build_schedule(self.optimizer, config, self.total_steps)
         # Loss sum, correct predictions and samples since the last record, kept on the device.
         self.window = torch.zeros(3, dtype=torch.float64, device=self.device)
@@ -177,10 +190,15 @@ class Trainer:
     def _state(self) -> dict[str, Any]:
         cuda = list(torch.cuda.get_rng_state_all()) if torch.cuda.is_initialized() else []
         return {
-            "format": "gradstats-train", "step": self.step, "config": asdict(self.config),
-            "world_size": self.ctx.world_size, "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(), "scheduler": self.schedule.state_dict(),
-            "window": self.window.cpu(), "history": self.history,
+            "format": "gradstats-train",
+            "step": self.step,
+            "config": asdict(self.config),
+            "world_size": self.ctx.world_size,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.schedule.state_dict(),
+            "window": self.window.cpu(),
+            "history": self.history,
             "rng": {"torch": torch.get_rng_state(), "cuda": cuda},
         }
 
@@ -190,7 +208,9 @@ class Trainer:
             self.optimizer.load_state_dict(state["optimizer"])
             self.schedule.load_state_dict(state["scheduler"])
         except (RuntimeError, ValueError, KeyError) as error:
-            raise ValueError(f"--resume: the checkpoint does not fit this model and optimizer ({error})") from error
+            raise ValueError(
+                f"--resume: the checkpoint does not fit this model and optimizer ({error})"
+            ) from error
         self.window.copy_(state["window"])
         self.step = int(state["step"])
         self.history = state["history"]
@@ -204,10 +224,12 @@ class Trainer:
         saved_world = int(state["world_size"])
         distributed.resume_units(self.recorder_modules, saved_world, self.ctx.world_size)
         if saved_world != self.ctx.world_size and not self.config.sync_bn:
-            self.log(f"note: the checkpoint was written by {saved_world} process(es), this run has "
-                     f"{self.ctx.world_size}: each BatchNorm layer now normalises over "
-                     f"{self.local_batch} samples instead of {self.global_batch // saved_world} "
-                     f"(--sync-bn normalises over the global batch whatever the number)")
+            self.log(
+                f"note: the checkpoint was written by {saved_world} process(es), this run has "
+                f"{self.ctx.world_size}: each BatchNorm layer now normalises over "
+                f"{self.local_batch} samples instead of {self.global_batch // saved_world} "
+                f"(--sync-bn normalises over the global batch whatever the number)"
+            )
 
     def checkpoint(self) -> None:
         distributed.consolidate(self.recorder_modules, self.window)
@@ -227,7 +249,7 @@ class Trainer:
             generator = torch.Generator().manual_seed(_seed(self.config.seed, "order", epoch))
             self.order = torch.randperm(len(self.train_labels), generator=generator).to(self.device)
         lo = position * self.global_batch + self.ctx.rank * self.local_batch
-        index = self.order[lo:lo + self.local_batch]
+        index = self.order[lo : lo + self.local_batch]
         images, labels = self.train_images[index], self.train_labels[index]
         if self.config.augment:
             g = self.augment_generator.manual_seed(_seed(self.config.seed, "augment", step))
@@ -266,16 +288,25 @@ class Trainer:
         self.mark, self.paused = now, 0.0
         layers = [logs.layer_record(name, m) for (name, _), m in zip(self.recorders, merged)]
         record = {
-            "step": self.step, "epoch": (self.step - 1) // self.steps_per_epoch, "lr": self.lr,
+            "step": self.step,
+            "epoch": (self.step - 1) // self.steps_per_epoch,
+            "lr": self.lr,
             "train_loss": loss_sum / samples if samples else None,
             "train_acc": correct / samples if samples else None,
-            "samples": int(samples), "images_per_s": samples / seconds, "elapsed_s": self.elapsed(),
-            "bn_layers": layers[:self.n_bn], "blocks": layers[self.n_bn:],
+            "samples": int(samples),
+            "images_per_s": samples / seconds,
+            "elapsed_s": self.elapsed(),
+            "bn_layers": layers[: self.n_bn],
+            "blocks": layers[self.n_bn :],
         }
         self.stats.write(record)
         self.bar.update(self.step - self.bar.n)
-        self.bar.set_postfix(loss=f"{record['train_loss']:.4f}", acc=f"{record['train_acc']:.3f}",
-                             img_s=f"{record['images_per_s']:.0f}", refresh=True)
+        self.bar.set_postfix(
+            loss=f"{record['train_loss']:.4f}",
+            acc=f"{record['train_acc']:.3f}",
+            img_s=f"{record['images_per_s']:.0f}",
+            refresh=True,
+        )
         return record
 
     @torch.no_grad()
@@ -286,20 +317,26 @@ class Trainer:
         sums = torch.zeros(2, dtype=torch.float64, device=self.device)
         size = self.config.eval_batch_size
         for lo in range(0, len(self.test_labels), size):
-            logits = self.model(self.test_images[lo:lo + size])
-            labels = self.test_labels[lo:lo + size]
+            logits = self.model(self.test_images[lo : lo + size])
+            labels = self.test_labels[lo : lo + size]
             sums[0] += F.cross_entropy(logits, labels, reduction="sum")
             sums[1] += (logits.argmax(1) == labels).sum()
         self.model.train()
         loss, correct = sums.tolist()
         n = max(len(self.test_labels), 1)
-        result = {"step": self.step, "epoch": self.step / self.steps_per_epoch,
-                  "test_loss": loss / n, "test_acc": correct / n}
+        result = {
+            "step": self.step,
+            "epoch": self.step / self.steps_per_epoch,
+            "test_loss": loss / n,
+            "test_acc": correct / n,
+        }
         self.history["eval"].append(result)
         self.stats.scalar("eval/test_loss", result["test_loss"], self.step)
         self.stats.scalar("eval/test_acc", result["test_acc"], self.step)
-        self.bar.write(f"step {self.step} (epoch {result['epoch']:.2f}): test loss {result['test_loss']:.4f}, "
-                       f"accuracy {result['test_acc']:.4f}")
+        self.bar.write(
+            f"step {self.step} (epoch {result['epoch']:.2f}): test loss {result['test_loss']:.4f}, "
+            f"accuracy {result['test_acc']:.4f}"
+        )
         self.paused += time.perf_counter() - started
         return result
 
@@ -310,16 +347,27 @@ class Trainer:
         config, main = self.config, self.ctx.is_main
         stop = min(config.stop_at or self.total_steps, self.total_steps)
         self.log(f"data: {self.data_description}")
-        self.log(f"model: {config.model}" + (f"-{config.depth} ({config.variant})" if config.model == "cifar_resnet" else "")
-                 + f", {sum(p.numel() for p in self.model.parameters())} parameters, {self.n_bn} BN layers, "
-                 f"{len(self.recorders) - self.n_bn} blocks; {self.ctx.world_size} process(es) on {self.device}, "
-                 f"global batch {self.global_batch}, {self.steps_per_epoch} steps per epoch")
+        self.log(
+            f"model: {config.model}"
+            + (f"-{config.depth} ({config.variant})" if config.model == "cifar_resnet" else "")
+            + f", {sum(p.numel() for p in self.model.parameters())} parameters, {self.n_bn} BN layers, "
+            f"{len(self.recorders) - self.n_bn} blocks; {self.ctx.world_size} process(es) on {self.device}, "
+            f"global batch {self.global_batch}, {self.steps_per_epoch} steps per epoch"
+        )
         if self.step >= stop:
-            self.log(f"nothing to do: the run is at step {self.step} of {self.total_steps} (--stop-at {config.stop_at})")
+            self.log(
+                f"nothing to do: the run is at step {self.step} of {self.total_steps} (--stop-at {config.stop_at})"
+            )
             return None
         self.stats = logs.StatsLog(config.out, config.tensorboard) if main else _NoLog()
-        self.bar = tqdm(total=self.total_steps, initial=self.step, desc="train", unit="step",
-                        disable=not (main and config.progress), dynamic_ncols=True)
+        self.bar = tqdm(
+            total=self.total_steps,
+            initial=self.step,
+            desc="train",
+            unit="step",
+            disable=not (main and config.progress),
+            dynamic_ncols=True,
+        )
         self.elapsed_before = self.history["elapsed_s"]
         self.started = self.mark = time.perf_counter()
         self.paused = 0.0
@@ -351,18 +399,24 @@ class Trainer:
         last_eval = self.history["eval"][-1] if self.history["eval"] else {}
         elapsed = self.elapsed()
         summary = {
-            "config": asdict(self.config), "data": self.data_description,
-            "world_size": self.ctx.world_size, "device": str(self.device),
+            "config": asdict(self.config),
+            "data": self.data_description,
+            "world_size": self.ctx.world_size,
+            "device": str(self.device),
             "parameters": sum(p.numel() for p in self.model.parameters()),
-            "bn_layers": [name for name, _ in self.recorders[:self.n_bn]],
-            "blocks": [name for name, _ in self.recorders[self.n_bn:]],
-            "steps": self.step, "steps_per_epoch": self.steps_per_epoch,
-            "epochs": self.step / self.steps_per_epoch, "elapsed_s": elapsed,
+            "bn_layers": [name for name, _ in self.recorders[: self.n_bn]],
+            "blocks": [name for name, _ in self.recorders[self.n_bn :]],
+            "steps": self.step,
+            "steps_per_epoch": self.steps_per_epoch,
+            "epochs": self.step / self.steps_per_epoch,
+            "elapsed_s": elapsed,
             "images_per_s": self.step * self.global_batch / elapsed if elapsed > 0 else None,
             "final_train_loss": records[-1]["train_loss"] if records else None,
             "final_train_acc": records[-1]["train_acc"] if records else None,
-            "final_test_loss": last_eval.get("test_loss"), "final_test_acc": last_eval.get("test_acc"),
-            "eval": self.history["eval"], "records": len(records),
+            "final_test_loss": last_eval.get("test_loss"),
+            "final_test_acc": last_eval.get("test_acc"),
+            "eval": self.history["eval"],
+            "records": len(records),
             "block_grad_var_first": _block_var(records[0]) if records else None,
             "block_grad_var_last": _block_var(records[-1]) if records else None,
             "plots": [os.path.basename(p) for p in plots],

@@ -24,17 +24,30 @@ def _shape(text: str) -> tuple[int, int, int, int]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--preset", action="append", choices=sorted(PRESETS),
-                        help="BN shapes of a network: resnet56-cifar (batch 128), resnet50 (batch 32 and 64); repeatable")
-    parser.add_argument("--shape", action="append", type=_shape, metavar="N,C,H,W", help="a shape to time; repeatable")
+    parser.add_argument(
+        "--preset",
+        action="append",
+        choices=sorted(PRESETS),
+        help="BN shapes of a network: resnet56-cifar (batch 128), resnet50 (batch 32 and 64); repeatable",
+    )
+    parser.add_argument(
+        "--shape", action="append", type=_shape, metavar="N,C,H,W", help="a shape to time; repeatable"
+    )
     parser.add_argument("--dtype", choices=list(DTYPES), default="float32")
-    parser.add_argument("--channels-last", action="store_true", help="channels_last tensors (default: contiguous NCHW)")
+    parser.add_argument(
+        "--channels-last", action="store_true", help="channels_last tensors (default: contiguous NCHW)"
+    )
     parser.add_argument("--both-layouts", action="store_true", help="time NCHW and channels_last")
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:index]")
-    parser.add_argument("--repeats", type=int, default=20, help="timed rounds per configuration (median reported)")
+    parser.add_argument(
+        "--repeats", type=int, default=20, help="timed rounds per configuration (median reported)"
+    )
     parser.add_argument("--json", metavar="PATH", help="write the rows and the summary as JSON")
-    parser.add_argument("--e2e", action="store_true",
-                        help="instead: one training step of a CIFAR ResNet-56 (batch 128) plain, instrumented, and with hooks")
+    parser.add_argument(
+        "--e2e",
+        action="store_true",
+        help="instead: one training step of a CIFAR ResNet-56 (batch 128) plain, instrumented, and with hooks",
+    )
     parser.add_argument("--steps", type=int, default=10, help="--e2e: timed steps per variant")
 
 
@@ -79,13 +92,21 @@ def main(args: argparse.Namespace) -> int:
         "unfused_vs_fused_geomean": geometric_mean([r.unfused_vs_fused for r in rows]),
         "fused_pct_copy_geomean": geometric_mean([r.fused_pct_copy for r in rows]),
     }
-    print(f"geometric mean over {len(rows)} configurations: fused/native {summary['fused_vs_native_geomean']:.3f}, "
-          f"unfused/fused {summary['unfused_vs_fused_geomean']:.2f}, fused at {summary['fused_pct_copy_geomean']:.0f}% "
-          f"of copy bandwidth")
+    print(
+        f"geometric mean over {len(rows)} configurations: fused/native {summary['fused_vs_native_geomean']:.3f}, "
+        f"unfused/fused {summary['unfused_vs_fused_geomean']:.2f}, fused at {summary['fused_pct_copy_geomean']:.0f}% "
+        f"of copy bandwidth"
+    )
     if args.json:
-        payload = {"machine": machine, "commit": git_commit(),
-                   "date": time.strftime("%Y-%m-%d"), "copy_gbps": copy, "repeats": args.repeats,
-                   "rows": [r.as_dict() for r in rows], "summary": summary}
+        payload = {
+            "machine": machine,
+            "commit": git_commit(),
+            "date": time.strftime("%Y-%m-%d"),
+            "copy_gbps": copy,
+            "repeats": args.repeats,
+            "rows": [r.as_dict() for r in rows],
+            "summary": summary,
+        }
         with open(args.json, "w") as f:
             json.dump(payload, f, indent=1)
         print(f"wrote {args.json}")

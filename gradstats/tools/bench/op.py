@@ -23,16 +23,31 @@ import torch
 from ...ops import bn_backward_stats
 from .timing import copy_bandwidth, time_interleaved
 
-
 # BN layers (N, C, H, W) of a CIFAR ResNet-56 at batch 128: 16, 32 and 64 channels at 32, 16, 8 px.
 RESNET56_CIFAR = [(128, 16, 32, 32), (128, 32, 16, 16), (128, 64, 8, 8)]
 # Distinct BN shapes (C, H = W) of a torchvision ResNet-50 at 224x224: stem, then per stage the
 # 1x1 reduce, 3x3 and 1x1 expand layers (stride on the 3x3, as in torchvision).
-RESNET50_SHAPES = [(64, 112), (64, 56), (256, 56), (128, 56), (128, 28), (512, 28), (256, 28),
-                   (256, 14), (1024, 14), (512, 14), (512, 7), (2048, 7)]
+RESNET50_SHAPES = [
+    (64, 112),
+    (64, 56),
+    (256, 56),
+    (128, 56),
+    (128, 28),
+    (512, 28),
+    (256, 28),
+    (256, 14),
+    (1024, 14),
+    (512, 14),
+    (512, 7),
+    (2048, 7),
+]
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
-          "float64": torch.float64}
+DTYPES = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float64": torch.float64,
+}
 
 
 def resnet50_shapes(batch: int) -> list[tuple[int, int, int, int]]:
@@ -84,9 +99,13 @@ class Row:
     def as_dict(self) -> dict:
         d = asdict(self)
         d["shape"] = list(self.shape)
-        d.update(fused_gbps=self.fused_gbps, native_gbps=self.native_gbps,
-                 fused_pct_copy=self.fused_pct_copy,
-                 fused_vs_native=self.fused_vs_native, unfused_vs_fused=self.unfused_vs_fused)
+        d.update(
+            fused_gbps=self.fused_gbps,
+            native_gbps=self.native_gbps,
+            fused_pct_copy=self.fused_pct_copy,
+            fused_vs_native=self.fused_vs_native,
+            unfused_vs_fused=self.unfused_vs_fused,
+        )
         return d
 
 
@@ -98,11 +117,13 @@ def _native_backward(dy, x, weight, mean, invstd, eps):
             # cuDNN's backward needs the reserve space and the saved statistics of its forward.
             bias = torch.zeros_like(weight)
             _, save_mean, save_var, reserve = torch.ops.aten.cudnn_batch_norm(
-                x, weight, bias, None, None, True, 0.0, eps)
+                x, weight, bias, None, None, True, 0.0, eps
+            )
 
             def cudnn():
                 return torch.ops.aten.cudnn_batch_norm_backward(
-                    x, dy, weight, None, None, save_mean, save_var, eps, reserve)
+                    x, dy, weight, None, None, save_mean, save_var, eps, reserve
+                )
 
             cudnn()
             return cudnn, "cudnn"
@@ -110,14 +131,22 @@ def _native_backward(dy, x, weight, mean, invstd, eps):
             pass  # shape or layout cuDNN does not take: PyTorch falls back to its own kernel too
 
     def native():
-        return torch.ops.aten.native_batch_norm_backward(dy, x, weight, None, None, mean, invstd,
-                                                         True, eps, mask)
+        return torch.ops.aten.native_batch_norm_backward(
+            dy, x, weight, None, None, mean, invstd, True, eps, mask
+        )
 
     return native, "native"
 
 
-def bench_shape(shape, dtype=torch.float32, channels_last=False, device="cpu", repeats=20, seed=0,
-                copy_gbps: float | None = None) -> Row:
+def bench_shape(
+    shape,
+    dtype=torch.float32,
+    channels_last=False,
+    device="cpu",
+    repeats=20,
+    seed=0,
+    copy_gbps: float | None = None,
+) -> Row:
     device = torch.device(device)
     g = torch.Generator(device="cpu").manual_seed(seed)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
@@ -138,23 +167,42 @@ def bench_shape(shape, dtype=torch.float32, channels_last=False, device="cpu", r
 
     def unfused():
         dx = native()[0]
-        return torch.var_mean(dy, dim=(0, 2, 3), correction=0), torch.var_mean(dx, dim=(0, 2, 3), correction=0)
+        return torch.var_mean(dy, dim=(0, 2, 3), correction=0), torch.var_mean(
+            dx, dim=(0, 2, 3), correction=0
+        )
 
     (f, fi), (n, ni), (u, ui) = time_interleaved([fused, native, unfused], repeats, device)
     if copy_gbps is None:
         copy_gbps = copy_bandwidth(device)
-    return Row(tuple(shape), str(dtype).replace("torch.", ""), "channels_last" if channels_last else "nchw",
-               device.type, f, n, u, fi, ni, ui, 5 * x.numel() * x.element_size(), copy_gbps, native_kind)
+    return Row(
+        tuple(shape),
+        str(dtype).replace("torch.", ""),
+        "channels_last" if channels_last else "nchw",
+        device.type,
+        f,
+        n,
+        u,
+        fi,
+        ni,
+        ui,
+        5 * x.numel() * x.element_size(),
+        copy_gbps,
+        native_kind,
+    )
 
 
-HEADER = (f"{'shape':<20} {'dtype':<9} {'layout':<13} {'fused ms':>16} {'native ms':>16} "
-          f"{'unfused ms':>11} {'GB/s':>7} {'%copy':>6} {'fused/native':>12} {'unfused/fused':>13}")
+HEADER = (
+    f"{'shape':<20} {'dtype':<9} {'layout':<13} {'fused ms':>16} {'native ms':>16} "
+    f"{'unfused ms':>11} {'GB/s':>7} {'%copy':>6} {'fused/native':>12} {'unfused/fused':>13}"
+)
 
 
 def format_row(row: Row) -> str:
     shape = "x".join(map(str, row.shape))
     fused = f"{row.fused_ms:.3f}+-{row.fused_iqr_ms / 2:.3f}"
     native = f"{row.native_ms:.3f}+-{row.native_iqr_ms / 2:.3f}"
-    return (f"{shape:<20} {row.dtype:<9} {row.layout:<13} {fused:>16} {native:>16} {row.unfused_ms:>11.3f} "
-            f"{row.fused_gbps:>7.1f} {row.fused_pct_copy:>5.0f}% {row.fused_vs_native:>12.3f} "
-            f"{row.unfused_vs_fused:>13.2f}")
+    return (
+        f"{shape:<20} {row.dtype:<9} {row.layout:<13} {fused:>16} {native:>16} {row.unfused_ms:>11.3f} "
+        f"{row.fused_gbps:>7.1f} {row.fused_pct_copy:>5.0f}% {row.fused_vs_native:>12.3f} "
+        f"{row.unfused_vs_fused:>13.2f}"
+    )

@@ -77,6 +77,7 @@ def run_e2e(device: torch.device, steps: int, json_path: str | None = None) -> i
             optimizer.zero_grad(set_to_none=True)
             F.cross_entropy(model(x), y).backward()
             optimizer.step()
+
         return step
 
     names = list(models)
@@ -95,9 +96,18 @@ def run_e2e(device: torch.device, steps: int, json_path: str | None = None) -> i
     print(f"({time.perf_counter() - start:.0f} s)")
     if json_path:
         with open(json_path, "w") as f:
-            json.dump({"machine": machine, "commit": git_commit(),
-                       "date": time.strftime("%Y-%m-%d"), "depth": DEPTH, "batch": BATCH, "steps": steps,
-                       "results": results}, f, indent=1)
+            json.dump(
+                {
+                    "machine": machine,
+                    "commit": git_commit(),
+                    "date": time.strftime("%Y-%m-%d"),
+                    "depth": DEPTH,
+                    "batch": BATCH,
+                    "steps": steps,
+                    "results": results,
+                },
+                f,
+                indent=1,
+            )
         print(f"wrote {json_path}")
     return 0
-

@@ -19,7 +19,7 @@ import platform
 import statistics
 import subprocess
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -68,8 +68,9 @@ class _Timer:
         return begin.elapsed_time(end)
 
 
-def time_interleaved(fns: list[Callable[[], object]], repeats: int, device: torch.device,
-                     warmup: int = 3) -> list[tuple[float, float]]:
+def time_interleaved(
+    fns: list[Callable[[], object]], repeats: int, device: torch.device, warmup: int = 3
+) -> list[tuple[float, float]]:
     """(median, interquartile range) in ms of each fn, measured round-robin in rotating order."""
     timer = _Timer(device)
     for fn in fns:
@@ -115,15 +116,22 @@ def machine_description(device: torch.device) -> str:
             model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    return (f"{model}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
-            f"gradstats CPU kernels {cpu_capability()}")
+    return (
+        f"{model}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
+        f"gradstats CPU kernels {cpu_capability()}"
+    )
 
 
 def git_commit() -> str | None:
     try:
         # From gradstats' own folder: the checkout it was built from, not the caller's directory.
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
-                             cwd=os.path.dirname(os.path.abspath(__file__)))
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            cwd=os.path.dirname(os.path.abspath(__file__)),
+        )
         return out.stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         return None

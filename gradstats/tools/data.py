@@ -10,12 +10,23 @@ Sources (``load_dataset(spec)``):
   a folder in ImageFolder layout: one sub-folder per class holding image files (read with
                         Pillow, resized to 32x32); an optional train/ and test/ split inside.
 Missing or malformed data raises DataError, which says what was expected where.
+
+Untrusted folders. Reading a dataset never runs code from it: CIFAR batches are pickles, read
+with ``safe_pickle.load_restricted_pickle`` (plain data and numpy arrays only; a pickle naming any
+other global is refused with a DataError naming the file). Never pass a CIFAR folder to a reader
+that unpickles on its own (torchvision's CIFAR10/CIFAR100) without that loader. Image files are
+decoded by Pillow only after their header: an image declaring more than MAX_IMAGE_PIXELS pixels (a
+decompression bomb) is refused before it is decoded; a truncated, corrupt or non-image file with an
+image suffix raises DataError naming the file (nothing is skipped silently). Class folder names
+only label the data; nothing read from a dataset becomes part of a path gradstats writes.
 """
 
 from __future__ import annotations
 
 import os
 import pickle
+import struct
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,7 +34,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .safe_pickle import UnsafePickleError, load_restricted_pickle
+
 IMAGE_SIZE = 32
+# Images are shrunk to 32x32; a bigger file than 64 megapixels (8192 x 8192) is far more likely a
+# decompression bomb than a training image. Pillow's own limit (89 megapixels, an error at twice
+# that) stays active too.
+MAX_IMAGE_PIXELS = 1 << 26
 _IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".ppm", ".tif", ".tiff", ".webp")
 
 
@@ -131,11 +148,22 @@ def _find_cifar(folder: str) -> ImageData | None:
 
 def _cifar_file(path: str, label_key: bytes) -> tuple[Tensor, Tensor]:
     try:
-        with open(path, "rb") as f:
-            batch = pickle.load(f, encoding="bytes")
+        batch = load_restricted_pickle(path, encoding="bytes")
         data = np.asarray(batch[b"data"], dtype=np.uint8)
         labels = np.asarray(batch[label_key], dtype=np.int64)
-    except (OSError, pickle.UnpicklingError, EOFError, KeyError, TypeError, ValueError) as error:
+    except UnsafePickleError as error:  # the message names the file and the refused global
+        raise DataError(f"{error}; not read (CIFAR batches hold only arrays, lists and bytes)") from None
+    except (
+        OSError,
+        pickle.UnpicklingError,
+        EOFError,
+        KeyError,
+        IndexError,
+        AttributeError,
+        TypeError,
+        ValueError,
+        RecursionError,
+    ) as error:
         raise DataError(
             f"{path}: not a CIFAR python-format batch ({type(error).__name__}: {error}); "
             f"expected a pickled dict with b'data' (N x 3072 uint8) and {label_key!r}"
@@ -186,12 +214,7 @@ def _read_images(folder: str, classes: list[str]) -> tuple[Tensor, Tensor]:
         for file in sorted(os.listdir(directory)):
             if not file.lower().endswith(_IMAGE_SUFFIXES):
                 continue
-            path = os.path.join(directory, file)
-            try:
-                with Image.open(path) as image:
-                    rgb = image.convert("RGB").resize((IMAGE_SIZE, IMAGE_SIZE), Image.BILINEAR)
-            except OSError as error:
-                raise DataError(f"{path}: not a readable image ({error})") from error
+            rgb = _read_image(Image, os.path.join(directory, file))
             images.append(torch.from_numpy(np.asarray(rgb, dtype=np.float32) / 255.0).permute(2, 0, 1))
             labels.append(label)
     if not images:
@@ -199,3 +222,25 @@ def _read_images(folder: str, classes: list[str]) -> tuple[Tensor, Tensor]:
             f"{folder}: the class folders {classes[:5]} hold no image files ({', '.join(_IMAGE_SUFFIXES)})"
         )
     return torch.stack(images), torch.tensor(labels, dtype=torch.int64)
+
+
+def _read_image(Image, path: str):
+    """The image file at ``path`` as a 32x32 RGB Pillow image; DataError naming the file for a
+    decompression bomb, a truncated, corrupt or non-image file."""
+    try:
+        with warnings.catch_warnings():
+            # Pillow warns above its limit and raises above twice it: both refuse the file here.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as image:  # reads the header only
+                width, height = image.size
+                if width * height <= MAX_IMAGE_PIXELS:
+                    image.load()  # decodes: a truncated or corrupt file fails here
+                    return image.convert("RGB").resize((IMAGE_SIZE, IMAGE_SIZE), Image.BILINEAR)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        raise DataError(f"{path}: image refused as a decompression bomb ({error})") from None
+    except (OSError, ValueError, SyntaxError, EOFError, struct.error) as error:
+        raise DataError(f"{path}: not a readable image ({type(error).__name__}: {error})") from None
+    raise DataError(
+        f"{path}: image of {width} x {height} pixels refused before decoding (more than "
+        f"MAX_IMAGE_PIXELS = {MAX_IMAGE_PIXELS}; a decompression bomb?)"
+    )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import analyze, demo, train
+from . import analyze, demo, report, train
 from .bench import cli as bench
 
 
@@ -35,6 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
             train.main,
             "train a ResNet, logging gradient statistics; checkpoints, resume, torchrun",
         ),
+        ("report", report, report.main, "one self-contained HTML page from a training run's folder"),
     ):
         p = commands.add_parser(name, help=help)
         module.add_arguments(p)

@@ -112,9 +112,27 @@ def test_report_of_a_real_run(run_dir, tmp_path):
         assert f"<td>{name}</td>" in page
     assert "finished" in text and "no alerts recorded" in text and "lr" in text
     records = read_records(run_dir)
-    names, steps, values = layer_matrix(records, "bn_layers", "dx_var")
-    assert names == summary["bn_layers"] and steps == [2, 4, 6]
-    assert values.tolist() == [[r["bn_layers"][i]["dx_var"] for r in records] for i in range(len(names))]
+    run = read_run(str(run_dir))
+    for group, key in (("bn_layers", "dy_var"), ("bn_layers", "dx_var"), ("blocks", "grad_var")):
+        names, steps, values = run.layer_matrix(group, key)
+        assert names == summary[group] and steps == [2, 4, 6]
+        assert values.tolist() == [[r[group][i][key] for r in records] for i in range(len(names))]
+
+
+def test_layer_matrix_aligns_layers_by_name():
+    records = [
+        {"step": 1, "blocks": [{"name": "a", "grad_var": 1.0}, {"name": "b", "grad_var": 2.0}]},
+        {"step": 2, "blocks": [{"name": "b", "grad_var": 3.0}, {"name": "c", "grad_var": None}]},
+        {"step": 3, "blocks": "not a list"},
+        {"step": 4, "blocks": [{"name": "a", "grad_var": "1e9"}, {"name": "c", "grad_var": 5.0}, {"x": 1}]},
+    ]
+    names, steps, values = layer_matrix(records, "blocks", "grad_var")
+    nan = float("nan")
+    assert names == ["a", "b", "c"] and steps == [1, 2, 3, 4]
+    expected = [[1.0, nan, nan, nan], [2.0, 3.0, nan, nan], [nan, nan, nan, 5.0]]
+    assert values.shape == (3, 4)
+    for row, want in zip(values.tolist(), expected):
+        assert [str(v) for v in row] == [str(v) for v in want]
 
 
 def test_default_out_is_in_the_run_folder_and_in_progress_runs_are_reported(run_dir, tmp_path):

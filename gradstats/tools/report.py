@@ -28,6 +28,8 @@ import tempfile
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 from .data import DataError
 from .logs import STATS_FILE
 
@@ -37,15 +39,67 @@ _LABEL_CHARS = 48  # longer layer names are shortened in plot labels (the tables
 _MAX_LABELS = 60  # at most this many tick labels per axis; every k-th name beyond that
 
 
+class LayerSeries:
+    """One statistic (``key``) of the layers in a record group ("bn_layers" or "blocks") over
+    the records, gathered as they are read (a long run's records kept whole would take
+    gigabytes): layer names in order of first appearance, one column of values per record."""
+
+    def __init__(self, group: str, key: str) -> None:
+        self.group, self.key = group, key
+        self.index: dict[str, int] = {}
+        self.columns: list[tuple[np.ndarray, np.ndarray]] = []
+
+    def add(self, record: dict[str, Any]) -> None:
+        rows, values = [], []
+        for entry in _entries(record, self.group):
+            rows.append(self.index.setdefault(entry["name"], len(self.index)))
+            values.append(_number(entry.get(self.key)))
+        self.columns.append((np.array(rows, dtype=np.int64), np.array(values, dtype=np.float64)))
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.index)
+
+    def matrix(self) -> np.ndarray:
+        """[layers, records] float64, NaN where a record has no finite value for a layer."""
+        values = np.full((len(self.index), len(self.columns)), np.nan)
+        for column, (rows, column_values) in enumerate(self.columns):
+            values[rows, column] = column_values
+        return values
+
+
+_SERIES = (("bn_layers", "dy_var"), ("bn_layers", "dx_var"), ("blocks", "grad_var"))
+
+
 @dataclass
 class Run:
-    """What a run folder holds: the stats.jsonl records, summary.json (None while the run is in
-    progress) and remarks about how they were read."""
+    """What a run folder holds: per record the step, training loss and accuracy and the layers'
+    variances (``series``, keyed by (group, key)), the last record whole, summary.json (None while
+    the run is in progress) and remarks about how they were read."""
 
     folder: str
-    records: list[dict[str, Any]]
-    summary: dict[str, Any] | None
+    steps: list[float] = field(default_factory=list)
+    train_loss: list[float] = field(default_factory=list)
+    train_acc: list[float] = field(default_factory=list)
+    series: dict[tuple[str, str], LayerSeries] = field(
+        default_factory=lambda: {(group, key): LayerSeries(group, key) for group, key in _SERIES}
+    )
+    last_record: dict[str, Any] | None = None
+    summary: dict[str, Any] | None = None
     notes: list[str] = field(default_factory=list)
+
+    def add(self, record: dict[str, Any]) -> None:
+        self.steps.append(record["step"])
+        self.train_loss.append(_number(record.get("train_loss")))
+        self.train_acc.append(_number(record.get("train_acc")))
+        for series in self.series.values():
+            series.add(record)
+        self.last_record = record
+
+    def layer_matrix(self, group: str, key: str):
+        """(names, steps, values [layers, records]) of one series."""
+        series = self.series[(group, key)]
+        return series.names, self.steps, series.matrix()
 
 
 # -- reading --------------------------------------------------------------------------------------
@@ -59,37 +113,34 @@ def read_run(folder: str) -> Run:
     stats_path = os.path.join(folder, STATS_FILE)
     if not os.path.isfile(stats_path):
         raise DataError(f"{stats_path}: no such file; RUN_DIR must be the --out folder of gradstats train")
-    notes: list[str] = []
-    records = _read_records(stats_path, notes)
-    summary = _read_summary(os.path.join(folder, SUMMARY_FILE))
-    if summary is None:
-        notes.append(
+    run = Run(folder)
+    _read_records(stats_path, run)
+    run.summary = _read_summary(os.path.join(folder, SUMMARY_FILE))
+    if run.summary is None:
+        run.notes.append(
             f"No {SUMMARY_FILE}: the run is still in progress or was interrupted; this report is "
             f"built from {STATS_FILE} alone (no configuration, evaluation or alerts yet)."
         )
-    return Run(folder, records, summary, notes)
+    return run
 
 
-def _read_records(path: str, notes: list[str]) -> list[dict[str, Any]]:
+def _read_records(path: str, run: Run) -> None:
     with open(path, encoding="utf-8", errors="replace") as f:
-        lines = f.read().split("\n")
-    records = []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except (ValueError, RecursionError) as error:
-            if number == len(lines):  # no newline after it: a record being written, or cut short
-                notes.append(
-                    f"The last line of {STATS_FILE} is incomplete (being written?) and was left out."
-                )
-                break
-            raise DataError(f"{path}, line {number}: not a JSON record ({error})") from None
-        if not isinstance(record, dict) or not _is_number(record.get("step")):
-            raise DataError(f"{path}, line {number}: expected a JSON object with a numeric 'step'")
-        records.append(record)
-    return records
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except (ValueError, RecursionError) as error:
+                if not line.endswith("\n"):  # the last line, unfinished: being written, or cut short
+                    run.notes.append(
+                        f"The last line of {STATS_FILE} is incomplete (being written?) and was left out."
+                    )
+                    break
+                raise DataError(f"{path}, line {number}: not a JSON record ({error})") from None
+            if not isinstance(record, dict) or not _is_number(record.get("step")):
+                raise DataError(f"{path}, line {number}: expected a JSON object with a numeric 'step'")
+            run.add(record)
 
 
 def _read_summary(path: str) -> dict[str, Any] | None:
@@ -126,19 +177,12 @@ def _entries(record: dict[str, Any], group: str) -> list[dict[str, Any]]:
 
 def layer_matrix(records: list[dict[str, Any]], group: str, key: str):
     """(names, steps, values [len(names), len(steps)]) of ``key`` for the layers of ``group``
-    ("bn_layers" or "blocks") over the records; layers in order of first appearance, NaN where a
+    ("bn_layers" or "blocks") over ``records``; layers in order of first appearance, NaN where a
     record lacks a value."""
-    import numpy as np
-
-    names: dict[str, int] = {}
+    series = LayerSeries(group, key)
     for record in records:
-        for entry in _entries(record, group):
-            names.setdefault(entry["name"], len(names))
-    values = np.full((len(names), len(records)), np.nan)
-    for column, record in enumerate(records):
-        for entry in _entries(record, group):
-            values[names[entry["name"]], column] = _number(entry.get(key))
-    return list(names), [record["step"] for record in records], values
+        series.add(record)
+    return series.names, [record["step"] for record in records], series.matrix()
 
 
 # -- plots ----------------------------------------------------------------------------------------
@@ -161,7 +205,6 @@ def _ticks(count: int):
 
 
 def _heatmap(names, steps, values, title: str) -> str | None:
-    import numpy as np
     from matplotlib.figure import Figure
 
     if not names or not np.isfinite(values).any():
@@ -192,7 +235,6 @@ def _heatmap(names, steps, values, title: str) -> str | None:
 
 
 def _block_curves(names, steps, values) -> str | None:
-    import numpy as np
     from matplotlib.figure import Figure
 
     if not names or not np.isfinite(values).any():
@@ -217,12 +259,10 @@ def _block_curves(names, steps, values) -> str | None:
     return _png(fig)
 
 
-def _training_curves(records, summary) -> str | None:
+def _training_curves(run: Run) -> str | None:
     from matplotlib.figure import Figure
 
-    steps = [r["step"] for r in records]
-    loss = [_number(r.get("train_loss")) for r in records]
-    acc = [_number(r.get("train_acc")) for r in records]
+    steps, loss, acc, summary = run.steps, run.train_loss, run.train_acc, run.summary
     evals = [
         e for e in (summary or {}).get("eval") or [] if isinstance(e, dict) and _is_number(e.get("step"))
     ]
@@ -292,10 +332,9 @@ def _alerts(summary: dict[str, Any] | None) -> str:
     return _table(["step", "kind", "layer", "message"], rows)
 
 
-def _last_layers(records: list[dict[str, Any]]) -> str:
-    if not records:
+def _last_layers(last: dict[str, Any] | None) -> str:
+    if last is None:
         return "<p>no records</p>\n"
-    last = records[-1]
     layers = [
         [
             e["name"],
@@ -352,13 +391,12 @@ _CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
 def render_html(run: Run) -> str:
     """The report page of ``run`` (see the module docstring for what it holds and the rules)."""
     import matplotlib
-    import numpy as np
 
-    records, summary = run.records, run.summary
+    summary = run.summary
     with matplotlib.rc_context({"text.usetex": False}), np.errstate(all="ignore"):
-        bn_dy = layer_matrix(records, "bn_layers", "dy_var")
-        bn_dx = layer_matrix(records, "bn_layers", "dx_var")
-        blocks = layer_matrix(records, "blocks", "grad_var")
+        bn_dy = run.layer_matrix("bn_layers", "dy_var")
+        bn_dx = run.layer_matrix("bn_layers", "dx_var")
+        blocks = run.layer_matrix("blocks", "grad_var")
         figures = [
             _figure(
                 _heatmap(*bn_dy, "dy variance per BatchNorm layer (gradient received)"),
@@ -380,12 +418,12 @@ def render_html(run: Run) -> str:
                 "gradient variance per residual block at the first, middle and last logged steps",
                 "no residual block statistics recorded",
             ),
-            _figure(_training_curves(records, summary), "training curves", "no loss or accuracy recorded"),
+            _figure(_training_curves(run), "training curves", "no loss or accuracy recorded"),
         ]
     status = "finished" if summary is not None else "in progress (no summary.json)"
-    overview = [["status", status], ["records in stats.jsonl", len(records)]]
-    if records:
-        overview.append(["logged steps", f"{records[0]['step']} .. {records[-1]['step']}"])
+    overview = [["status", status], ["records in stats.jsonl", len(run.steps)]]
+    if run.steps:
+        overview.append(["logged steps", f"{run.steps[0]} .. {run.steps[-1]}"])
     if summary is not None:
         overview += [[key, summary.get(key)] for key in _OVERVIEW_KEYS if key in summary]
     config = (summary or {}).get("config")
@@ -403,7 +441,7 @@ def render_html(run: Run) -> str:
         "<h2>Gradient statistics over training</h2>\n",
         *figures,
         "<h2>Per-layer statistics at the last record</h2>\n",
-        _last_layers(records),
+        _last_layers(run.last_record),
         "<h2>Evaluation</h2>\n",
         _table(
             ["step", "epoch", "test loss", "test accuracy"],

@@ -270,3 +270,38 @@ def test_missing_or_corrupt_files_are_named(tmp_path, capsys, setup, message):
     err = cli_error(["report", run], capsys)
     assert message in err and "Traceback" not in err
     assert not (run / "report.html").exists()
+
+
+@pytest.mark.parametrize(
+    "records, summary",
+    [
+        ([{"step": 1, "bn_layers": 5, "blocks": [1, "x", None, {"name": 3}], "train_loss": "x"}], None),
+        ([{"step": 1, "blocks": [{"name": "a", "grad_var": 10**400}], "train_acc": 10**400}], None),
+        (
+            [{"step": 2, "bn_layers": [{"name": "b", "dy_var": -1.0, "dx_var": 0.0}]}],
+            {"eval": 5, "config": "x"},
+        ),
+        ([], {"eval": [{"step": 10**400}, "x", {"step": None}], "config": [1], "alerts": [None, 3, {}]}),
+        ([{"step": 1.5}], {"steps": {"nested": [SCRIPT]}, "data": None, "alerts": []}),
+    ],
+)
+def test_odd_values_in_a_run_folder_give_a_page(tmp_path, records, summary):
+    """Wrong types anywhere (a folder not written by gradstats train, or edited) give a page
+    built from what makes sense, not a traceback."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "stats.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    if summary is not None:
+        (run / "summary.json").write_text(json.dumps(summary))
+    page = render_html(read_run(str(run)))
+    _check_self_contained(page)
+    assert SCRIPT not in page
+
+
+def test_a_step_that_is_not_a_number_is_named(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "stats.jsonl").write_text(json.dumps({"step": 10**400}) + "\n")
+    assert "stats.jsonl, line 1: expected a JSON object with a numeric 'step'" in cli_error(
+        ["report", run], capsys
+    )

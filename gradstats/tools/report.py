@@ -138,7 +138,7 @@ def _read_records(path: str, run: Run) -> None:
                     )
                     break
                 raise DataError(f"{path}, line {number}: not a JSON record ({error})") from None
-            if not isinstance(record, dict) or not _is_number(record.get("step")):
+            if not isinstance(record, dict) or math.isnan(_number(record.get("step"))):
                 raise DataError(f"{path}, line {number}: expected a JSON object with a numeric 'step'")
             run.add(record)
 
@@ -164,8 +164,15 @@ def _is_number(value: Any) -> bool:
 
 
 def _number(value: Any) -> float:
-    """A finite float from a record value, NaN for anything else (null, strings, lists)."""
-    return float(value) if _is_number(value) and math.isfinite(value) else math.nan
+    """A finite float from a record value, NaN for anything else (null, strings, lists, an
+    integer too big for a float)."""
+    if not _is_number(value):
+        return math.nan
+    try:
+        value = float(value)
+    except OverflowError:
+        return math.nan
+    return value if math.isfinite(value) else math.nan
 
 
 def _entries(record: dict[str, Any], group: str) -> list[dict[str, Any]]:
@@ -259,13 +266,19 @@ def _block_curves(names, steps, values) -> str | None:
     return _png(fig)
 
 
+def _evaluations(summary: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """summary.json's "eval" entries that are objects with a numeric step."""
+    evals = (summary or {}).get("eval")
+    if not isinstance(evals, list):
+        return []
+    return [e for e in evals if isinstance(e, dict) and not math.isnan(_number(e.get("step")))]
+
+
 def _training_curves(run: Run) -> str | None:
     from matplotlib.figure import Figure
 
-    steps, loss, acc, summary = run.steps, run.train_loss, run.train_acc, run.summary
-    evals = [
-        e for e in (summary or {}).get("eval") or [] if isinstance(e, dict) and _is_number(e.get("step"))
-    ]
+    steps, loss, acc = run.steps, run.train_loss, run.train_acc
+    evals = _evaluations(run.summary)
     if not any(math.isfinite(v) for v in loss + acc) and not evals:
         return None
     fig = Figure(figsize=(10, 3.6))
@@ -427,7 +440,7 @@ def render_html(run: Run) -> str:
     if summary is not None:
         overview += [[key, summary.get(key)] for key in _OVERVIEW_KEYS if key in summary]
     config = (summary or {}).get("config")
-    evals = [e for e in (summary or {}).get("eval") or [] if isinstance(e, dict)]
+    evals = _evaluations(summary)
     parts = [
         "<!DOCTYPE html>\n<html lang='en'>\n<head>\n<meta charset='utf-8'>\n",
         f'<meta http-equiv="Content-Security-Policy" content="{_CSP}">\n',

@@ -206,3 +206,15 @@ def test_every_torch_load_is_weights_only():
                     break
             call = text[match.start() : end + 1]
             assert "weights_only=True" in call, f"{path}: {call}"
+
+
+@pytest.mark.parametrize("kind", ["fifo", "device"])
+def test_special_files_are_refused_not_read(tmp_path, kind):
+    (tmp_path / "cls").mkdir()
+    path = tmp_path / "cls" / "a.png"
+    if kind == "fifo":
+        os.mkfifo(path)  # reading it would block forever
+    else:
+        path.symlink_to("/dev/zero")  # reading it would never end
+    with pytest.raises(DataError, match=f"{re.escape(str(path))}: not a regular file"):
+        load_dataset(str(tmp_path))

@@ -147,6 +147,7 @@ def _find_cifar(folder: str) -> ImageData | None:
 
 
 def _cifar_file(path: str, label_key: bytes) -> tuple[Tensor, Tensor]:
+    _check_regular_file(path)
     try:
         batch = load_restricted_pickle(path, encoding="bytes")
         data = np.asarray(batch[b"data"], dtype=np.uint8)
@@ -227,6 +228,7 @@ def _read_images(folder: str, classes: list[str]) -> tuple[Tensor, Tensor]:
 def _read_image(Image, path: str):
     """The image file at ``path`` as a 32x32 RGB Pillow image; DataError naming the file for a
     decompression bomb, a truncated, corrupt or non-image file."""
+    _check_regular_file(path)
     try:
         with warnings.catch_warnings():
             # Pillow warns above its limit and raises above twice it: both refuse the file here.
@@ -244,3 +246,10 @@ def _read_image(Image, path: str):
         f"{path}: image of {width} x {height} pixels refused before decoding (more than "
         f"MAX_IMAGE_PIXELS = {MAX_IMAGE_PIXELS}; a decompression bomb?)"
     )
+
+
+def _check_regular_file(path: str) -> None:
+    """A dataset file must be a regular file (after links): a FIFO would block the read forever
+    and a device (a link to /dev/zero) never ends."""
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: not a regular file (a folder, device, pipe or broken link)")

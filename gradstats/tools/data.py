@@ -17,8 +17,10 @@ other global is refused with a DataError naming the file). Never pass a CIFAR fo
 that unpickles on its own (torchvision's CIFAR10/CIFAR100) without that loader. Image files are
 decoded by Pillow only after their header: an image declaring more than MAX_IMAGE_PIXELS pixels (a
 decompression bomb) is refused before it is decoded; a truncated, corrupt or non-image file with an
-image suffix raises DataError naming the file (nothing is skipped silently). Class folder names
-only label the data; nothing read from a dataset becomes part of a path gradstats writes.
+image suffix raises DataError naming the file (nothing is skipped silently), and so does a
+special file (a FIFO, a link to a device) in place of a batch or an image, before it is opened.
+Class folder names only label the data; nothing read from a dataset becomes part of a path
+gradstats writes.
 """
 
 from __future__ import annotations

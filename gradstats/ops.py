@@ -143,7 +143,7 @@ torch.library.register_autograd(
 # The kernel is exact, so its derivative is that of the reference formula; autograd differentiates
 # the formula (recomputed from the saved inputs) on demand, for double backward through the op
 # itself. (GradStatBatchNorm2d's create_graph=True path recomputes its forward with autograd
-# instead, since its saved mean and invstd are not connected to input: see nn.py.) The
+# instead, since its saved mean and invstd are not connected to input: see modules.py.) The
 # statistics output is not differentiable.
 
 _DIFFERENTIABLE = (0, 1, 2, 3, 4)  # grad_output, input, weight, mean, invstd

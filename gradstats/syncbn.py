@@ -19,8 +19,9 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from . import ops
+from .convert import converted_layer
 from .distributed import all_gather_stacked
-from .nn import GradStatBatchNorm2d, _converted
+from .modules import GradStatBatchNorm2d
 from .stats import ROW_COUNT, ROW_M2, ROW_MEAN, ROW_NONFINITE, merge_moments
 
 __all__ = ["GradStatSyncBatchNorm2d", "convert_sync_batchnorm"]
@@ -159,7 +160,7 @@ def convert_sync_batchnorm(
     GradStatSyncBatchNorm2d sharing its parameters and buffers (statistics included); returns
     the module. Run it before gradstats.instrument, which then only adds the block probes."""
     if type(module) in (nn.BatchNorm2d, GradStatBatchNorm2d):
-        return _converted(
+        return converted_layer(
             module,
             getattr(module, "grad_stats_ema_decay", grad_stats_ema_decay),
             GradStatSyncBatchNorm2d,

@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..convert import batchnorms, instrument, probes
 from ..models import VARIANTS, cifar_resnet_variant
-from ..nn import batchnorms, instrument, probes
 from .data import ImageData, load_dataset
 from .logs import finite
 from .options import check_min, resolve_device

@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from .. import __version__
+from ..convert import batchnorms, convert_batchnorm
 from ..models import cifar_resnet
-from ..nn import batchnorms, convert_batchnorm
 from ..ops import cpu_capability, cuda_kernels_built
 from .data import load_dataset
 from .options import resolve_device

@@ -23,8 +23,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import distributed
+from ..convert import batchnorms, instrument, probes
 from ..models import VARIANTS, cifar_resnet_variant
-from ..nn import batchnorms, instrument, probes
 from ..syncbn import convert_sync_batchnorm
 from . import launch, logs
 from .checkpoint import save_checkpoint

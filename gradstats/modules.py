@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import ops  # noqa: F401  (registers torch.ops.gradstats)
+from .reference import bn_backward_formula
 from .stats import SLOT_ACCUMULATED, SLOT_EMA, SLOT_LAST, ChannelStats, GradStats, new_state
 
 STATE_BUFFER = "grad_stats_state"
@@ -85,15 +86,17 @@ def _differentiable_grads(ctx, grad_output, input, weight, bias, mean, invstd):
     """(grad_input, grad_weight, grad_bias) as differentiable tensors, from the forward
     recomputed with autograd (no running-statistics update)."""
     needs = ctx.needs_input_grad[:3]
-    wanted = [t for t, need in zip((input, weight, bias), needs) if need]
+    inputs = (input, weight, bias)
     with torch.enable_grad():
-        if ctx.use_batch_stats:
-            output = torch.ops.aten.native_batch_norm(input, weight, bias, None, None, True, 0.0, ctx.eps)[0]
-        else:
-            shape = (1, -1, 1, 1)
-            output = (input - mean.reshape(shape)) * invstd.reshape(shape)
-            if weight is not None:
-                output = output * weight.reshape(shape) + bias.reshape(shape)
+        if not ctx.use_batch_stats:
+            # Running statistics are constants: the reference formula, in differentiable ops, is
+            # the whole derivative.
+            grads = bn_backward_formula(grad_output, input, weight, mean, invstd, training=False)
+            return tuple(g.to(t.dtype) if need else None for g, t, need in zip(grads, inputs, needs))
+        # Batch statistics depend on input: differentiate PyTorch's own forward, so that the
+        # gradients are differentiable through the batch mean and variance too.
+        wanted = [t for t, need in zip(inputs, needs) if need]
+        output = torch.ops.aten.native_batch_norm(input, weight, bias, None, None, True, 0.0, ctx.eps)[0]
         found = iter(torch.autograd.grad(output, wanted, grad_output, create_graph=True, allow_unused=True))
     return tuple(next(found) if need else None for need in needs)
 

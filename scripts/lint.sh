@@ -8,9 +8,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ruff="${RUFF:-$( [ -x .venv/bin/ruff ] && echo .venv/bin/ruff || echo ruff )}"
 case "${1:-}" in
-  --check)
-    "$ruff" check .
-    "$ruff" format --check --diff .
+  --check)  # both, so that one run reports everything
+    status=0
+    "$ruff" check . || status=1
+    "$ruff" format --check --diff . || status=1
+    exit "$status"
     ;;
   "")
     "$ruff" check --fix .

@@ -6,7 +6,7 @@ DistributedDataParallel (docs/train.md).
 Reproducibility: a step's global batch comes from sampling.BatchSampler (a function of (seed,
 step)) and its augmentation from (seed, step), drawn for the global batch, of which rank r takes
 the r-th slice; so it depends neither on the number of processes nor on where a run was
-resumed. The checkpoint holds everything else that changes (gradstats.checkpoint).
+resumed. The checkpoint holds everything else that changes (tools/checkpoint.py).
 """
 
 from __future__ import annotations

@@ -76,7 +76,8 @@ def _want_cuda() -> bool:
     if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
         os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0+PTX"
     print(
-        f"gradstats: building the CUDA kernels (CUDA_HOME={os.environ.get('CUDA_HOME') or os.environ.get('CUDA_PATH')}, "
+        "gradstats: building the CUDA kernels "
+        f"(CUDA_HOME={os.environ.get('CUDA_HOME') or os.environ.get('CUDA_PATH')}, "
         f"archs={os.environ.get('TORCH_CUDA_ARCH_LIST', 'those of the visible GPUs')})"
     )
     return True

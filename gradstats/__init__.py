@@ -14,16 +14,10 @@ Public API:
     bn_backward_stats     the fused operator (torch.ops.gradstats.bn_backward_stats)
 """
 
-from .nn import (
-    GradProbe,
-    GradStatBatchNorm2d,
-    batchnorms,
-    convert_batchnorm,
-    first_nonfinite,
-    instrument,
-    plain_state_dict,
-    probes,
-)
+from . import nn  # noqa: F401, I001  (transitional, see nn.py; not public API)
+from .convert import batchnorms, convert_batchnorm, instrument, plain_state_dict, probes
+from .modules import GradProbe, GradStatBatchNorm2d
+from .nonfinite import first_nonfinite
 from .ops import bn_backward_stats, channel_moments, cpu_capability, cuda_kernels_built
 from .stats import ChannelStats, GradStats
 from .syncbn import GradStatSyncBatchNorm2d, convert_sync_batchnorm

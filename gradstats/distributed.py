@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .nn import GradStatsRecorder
+from .modules import GradStatsRecorder
 from .stats import ROW_M2, ROW_MEAN, SLOT_ACCUMULATED, merge_moments
 
 __all__ = ["all_gather_stacked", "gather_stats", "consolidate", "resume_units", "scale_moments", "world"]

@@ -42,8 +42,6 @@ __all__ = [
     "cpu_capability",
 ]
 
-STAT_ROWS = ROWS  # count (of finite values), mean, M2, nonfinite
-
 
 def bn_backward_stats(
     grad_output: Tensor,
@@ -109,7 +107,7 @@ def _bn_backward_stats_fake(grad_output, input, weight, mean, invstd, training, 
     param_dtype = weight.dtype if weight is not None else acc
     grad_weight = input.new_empty(channels, dtype=param_dtype)
     grad_bias = input.new_empty(channels, dtype=param_dtype)
-    stats = input.new_empty((2, STAT_ROWS, channels), dtype=torch.float64)
+    stats = input.new_empty((2, ROWS, channels), dtype=torch.float64)
     return grad_input, grad_weight, grad_bias, stats
 
 
@@ -121,7 +119,7 @@ def _record_grad_stats_fake(state, stats, ema_decay):
 @torch.library.register_fake("gradstats::channel_moments")
 def _channel_moments_fake(input):
     torch._check(input.dim() in (2, 4), lambda: f"input must be 2-D or 4-D, got {input.dim()}-D")
-    return input.new_empty((STAT_ROWS, input.shape[1]), dtype=torch.float64)
+    return input.new_empty((ROWS, input.shape[1]), dtype=torch.float64)
 
 
 def _moments_setup_context(ctx, inputs, output):
@@ -143,7 +141,7 @@ torch.library.register_autograd(
 # The kernel is exact, so its derivative is that of the reference formula; autograd differentiates
 # the formula (recomputed from the saved inputs) on demand, for double backward through the op
 # itself. (GradStatBatchNorm2d's create_graph=True path recomputes its forward with autograd
-# instead, since its saved mean and invstd are not connected to input: see nn.py.) The
+# instead, since its saved mean and invstd are not connected to input: see modules.py.) The
 # statistics output is not differentiable.
 
 _DIFFERENTIABLE = (0, 1, 2, 3, 4)  # grad_output, input, weight, mean, invstd

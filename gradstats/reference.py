@@ -19,6 +19,48 @@ def _per_channel(t: Tensor) -> Tensor:
     return t.reshape(1, -1, 1, 1)
 
 
+def bn_backward_sums(
+    grad_output: Tensor, input: Tensor, mean: Tensor, invstd: Tensor
+) -> tuple[Tensor, Tensor]:
+    """The reduction phase: per channel (sum(dy), sum(dy * x_hat)), x_hat = (x - mean) * invstd.
+    They are grad_bias and grad_weight, and what the train-mode grad_input needs from the whole
+    batch (SyncBatchNorm all-reduces them between the phases)."""
+    x_hat = (input - _per_channel(mean)) * _per_channel(invstd)
+    return grad_output.sum(_REDUCE_DIMS), (grad_output * x_hat).sum(_REDUCE_DIMS)
+
+
+def bn_grad_input(
+    grad_output: Tensor,
+    input: Tensor,
+    weight: Tensor | None,
+    mean: Tensor,
+    invstd: Tensor,
+    sums: tuple[Tensor, Tensor] | None,
+    count: Tensor | float = 1.0,
+) -> Tensor:
+    """The elementwise phase: grad_input from the reduction phase's ``sums`` over ``count``
+    values per channel (a number, or a [C] tensor); ``sums=None`` is eval mode, where the
+    running statistics are constants.
+
+      train: grad_input = w * invstd * (dy - sum(dy)/m - x_hat * sum(dy * x_hat)/m)
+      eval:  grad_input = w * invstd * dy
+    """
+    dy = grad_output
+    invstd = _per_channel(invstd)
+    scale = invstd if weight is None else _per_channel(weight) * invstd
+    if sums is None:
+        # Running statistics are constants: only term 1 remains.
+        return scale * dy
+    sum_dy, sum_dy_xhat = sums
+    x_hat = (input - _per_channel(mean)) * invstd
+    # term 1: dy             - the path through x_hat alone, as in eval mode
+    # term 2: sum(dy) / m    - the path through the batch mean: every x moved the mean
+    # term 3: x_hat * sum(dy * x_hat) / m - the path through the batch variance
+    term_mean = _per_channel(sum_dy / count)
+    term_var = x_hat * _per_channel(sum_dy_xhat / count)
+    return scale * (dy - term_mean - term_var)
+
+
 def bn_backward_formula(
     grad_output: Tensor,
     input: Tensor,
@@ -27,33 +69,17 @@ def bn_backward_formula(
     invstd: Tensor,
     training: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """(grad_input, grad_weight, grad_bias) of y = w * (x - mean) * invstd + b.
+    """(grad_input, grad_weight, grad_bias) of y = w * (x - mean) * invstd + b, on one process.
 
     Per channel, with m = N*H*W values and x_hat = (x - mean) * invstd:
       grad_bias   = sum(dy)
       grad_weight = sum(dy * x_hat)
-      train: grad_input = w * invstd * (dy - sum(dy)/m - x_hat * sum(dy * x_hat)/m)
-      eval:  grad_input = w * invstd * dy
+      grad_input  as bn_grad_input (train mode: mean and invstd are this batch's)
     """
-    dy, x = grad_output, input
-    m = x.numel() // x.shape[1]
-    mean, invstd = _per_channel(mean), _per_channel(invstd)
-    scale = invstd if weight is None else _per_channel(weight) * invstd
-
-    x_hat = (x - mean) * invstd
-    sum_dy = dy.sum(_REDUCE_DIMS)
-    sum_dy_xhat = (dy * x_hat).sum(_REDUCE_DIMS)
-
-    if training:
-        # term 1: dy             - the path through x_hat alone, as in eval mode
-        # term 2: sum(dy) / m    - the path through the batch mean: every x moved the mean
-        # term 3: x_hat * sum(dy * x_hat) / m - the path through the batch variance
-        term_mean = _per_channel(sum_dy) / m
-        term_var = x_hat * _per_channel(sum_dy_xhat) / m
-        grad_input = scale * (dy - term_mean - term_var)
-    else:
-        # Running statistics are constants: only term 1 remains.
-        grad_input = scale * dy
+    sum_dy, sum_dy_xhat = bn_backward_sums(grad_output, input, mean, invstd)
+    m = input.numel() // input.shape[1]
+    sums = (sum_dy, sum_dy_xhat) if training else None
+    grad_input = bn_grad_input(grad_output, input, weight, mean, invstd, sums, m)
     return grad_input, sum_dy_xhat, sum_dy
 
 

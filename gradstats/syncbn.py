@@ -19,8 +19,10 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from . import ops
+from .convert import converted_layer
 from .distributed import all_gather_stacked
-from .nn import GradStatBatchNorm2d, _converted
+from .modules import GradStatBatchNorm2d
+from .reference import bn_backward_sums, bn_grad_input
 from .stats import ROW_COUNT, ROW_M2, ROW_MEAN, ROW_NONFINITE, merge_moments
 
 __all__ = ["GradStatSyncBatchNorm2d", "convert_sync_batchnorm"]
@@ -72,24 +74,20 @@ class _SyncBatchNormWithGradStats(torch.autograd.Function):
     def backward(ctx, grad_output):
         input, weight, mean, invstd, count = ctx.saved_tensors
         acc = mean.dtype
-        shape = (1, -1, 1, 1)
-        dy = grad_output.to(acc)
-        xmu = input.to(acc) - mean.view(shape)
-        sum_dy = dy.sum((0, 2, 3))
-        sum_dy_xmu = (dy * xmu).sum((0, 2, 3))
-        total = torch.cat([sum_dy, sum_dy_xmu])
+        dy, x = grad_output.to(acc), input.to(acc)
+        # The reference's two phases with the global batch's sums in between: sum(dy) and
+        # sum(dy * x_hat) of every rank, one all_reduce, over the global count per channel.
+        sum_dy, sum_dy_xhat = bn_backward_sums(dy, x, mean, invstd)
+        total = torch.cat([sum_dy, sum_dy_xhat])
         dist.all_reduce(total, group=ctx.group)
-        mean_dy, mean_dy_xmu = (total / count.repeat(2)).chunk(2)
-        scale = invstd if weight is None else invstd * weight.to(acc)
-        grad_input = (
-            dy - mean_dy.view(shape) - xmu * (invstd * invstd * mean_dy_xmu).view(shape)
-        ) * scale.view(shape)
+        acc_weight = None if weight is None else weight.to(acc)
+        grad_input = bn_grad_input(dy, x, acc_weight, mean, invstd, total.chunk(2), count)
         grad_input = grad_input.to(input.dtype)
         stats = torch.stack([ops.channel_moments(grad_output), ops.channel_moments(grad_input)])
         ops.record_grad_stats_(ctx.state, stats, ctx.ema_decay)
         grad_weight = grad_bias = None
         if weight is not None:  # this rank's share, as nn.SyncBatchNorm returns it
-            grad_weight = (sum_dy_xmu * invstd).to(weight.dtype)
+            grad_weight = sum_dy_xhat.to(weight.dtype)
             grad_bias = sum_dy.to(weight.dtype)
         return grad_input, grad_weight, grad_bias, None, None, None, None, None, None, None, None
 
@@ -159,7 +157,7 @@ def convert_sync_batchnorm(
     GradStatSyncBatchNorm2d sharing its parameters and buffers (statistics included); returns
     the module. Run it before gradstats.instrument, which then only adds the block probes."""
     if type(module) in (nn.BatchNorm2d, GradStatBatchNorm2d):
-        return _converted(
+        return converted_layer(
             module,
             getattr(module, "grad_stats_ema_decay", grad_stats_ema_decay),
             GradStatSyncBatchNorm2d,

@@ -188,7 +188,8 @@ def test_analyze_cli_json_plot_and_determinism(tmp_path, capsys):
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["--variants", "bn,nope"], "unknown nope"),
+        (["--variants", "bn,nope"], "--variants 'nope': choose from"),
+        (["--variants", ","], "--variants: none given"),
         (["--depth", "10"], "depth must be 6n \\+ 2"),
         (["--batch-size", "0"], "--batch-size must be at least 1"),
         (["--data", "/no/such/folder"], "no such file or folder"),

@@ -145,10 +145,17 @@ def test_two_ranks_equal_one_process_per_rank_batchnorm(tmp_path):
     results = _spawn(tmp_path, sync=False)
     # One process: the two halves normalised separately, each loss halved (DDP's average).
     model = _model(sync=False)
-    halves = lambda x, y: [
-        (x[r * LOCAL_BATCH : (r + 1) * LOCAL_BATCH], y[r * LOCAL_BATCH : (r + 1) * LOCAL_BATCH], 1.0 / WORLD)
-        for r in range(WORLD)
-    ]  # noqa: E731
+
+    def halves(x, y):
+        return [
+            (
+                x[r * LOCAL_BATCH : (r + 1) * LOCAL_BATCH],
+                y[r * LOCAL_BATCH : (r + 1) * LOCAL_BATCH],
+                1.0 / WORLD,
+            )
+            for r in range(WORLD)
+        ]
+
     grads = _train(model, model, halves)
     names, expected = _accumulated(model)
     for rank, result in enumerate(results):

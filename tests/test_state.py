@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import threading
 
+import pytest
 import torch
 from torch import nn
 
@@ -85,17 +86,15 @@ def test_state_dict_round_trips_are_exact(tmp_path):
     )
 
 
-def test_loading_a_state_dict_saved_before_nonfinite_counts():
-    """A [3, 2, 3, C] state (rows count, mean, M2) from an earlier version loads with zero
-    non-finite counts."""
+def test_a_statistics_state_of_another_shape_is_refused():
+    """No layout but the current one was ever released: a state of another shape is an error,
+    not something to convert."""
     m = GradStatBatchNorm2d(4)
     m(torch.randn(3, 4, 2, 2, requires_grad=True)).sum().backward()
-    state = m.state_dict()
-    old = dict(state)
-    old["grad_stats_state"] = state["grad_stats_state"][:, :, :3].clone()
-    again = GradStatBatchNorm2d(4)
-    again.load_state_dict(old)
-    assert torch.equal(again.grad_stats_state, state["grad_stats_state"])
+    state = dict(m.state_dict())
+    state["grad_stats_state"] = state["grad_stats_state"][:, :, :3].clone()
+    with pytest.raises(RuntimeError, match="size mismatch for grad_stats_state"):
+        GradStatBatchNorm2d(4).load_state_dict(state)
 
 
 def test_plain_batchnorm_state_dict_into_recording_model_keeps_statistics():

@@ -11,20 +11,24 @@ the variance of dy and dx. Optionally it repeats that after K SGD steps.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import statistics
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 
+from ..convert import batchnorms, instrument, probes
 from ..models import VARIANTS, cifar_resnet_variant
-from ..nn import batchnorms, instrument, probes
+from ..summary import summarize_channels, summary_values
 from .data import ImageData, load_dataset
 from .logs import finite
-from .options import check_min, resolve_device
+from .options import check_choice, check_min, resolve_device
+from .sampling import BatchSampler
 
 MAIN_VARIANTS = ["bn_skip", "bn", "skip", "plain"]
 
@@ -45,16 +49,10 @@ class AnalysisConfig:
 
 
 def parse_variants(text: str) -> tuple[str, ...]:
+    """The variants named in a comma list ('all': every one), each once, in the order given;
+    config_from_args checks the names."""
     names = [v.strip() for v in text.split(",") if v.strip()]
-    if names == ["all"]:
-        return tuple(VARIANTS)
-    unknown = [v for v in names if v not in VARIANTS]
-    if unknown or not names:
-        raise ValueError(
-            f"--variants: unknown {', '.join(unknown) or '(none given)'}; "
-            f"choose from {', '.join(VARIANTS)} or 'all'"
-        )
-    return tuple(dict.fromkeys(names))
+    return tuple(VARIANTS) if names == ["all"] else tuple(dict.fromkeys(names))
 
 
 def _stage_of(model: nn.Module) -> dict[int, int]:
@@ -68,38 +66,39 @@ def _stage_of(model: nn.Module) -> dict[int, int]:
     return stages
 
 
-def _batches(data: ImageData, config: AnalysisConfig, count: int, generator: torch.Generator):
-    n = len(data.train_labels)
-    size = min(config.batch_size, n)
-    for _ in range(count):
-        index = torch.randperm(n, generator=generator)[:size]
+def _batches(
+    data: ImageData, config: AnalysisConfig, sampler: BatchSampler, steps: Iterator[int], count: int
+):
+    """The next ``count`` batches of ``sampler``, taking their step numbers from ``steps``."""
+    for step in itertools.islice(steps, count):
+        index = sampler.indices(step)
         yield (data.train_images[index].to(config.device), data.train_labels[index].to(config.device))
 
 
-def measure(model: nn.Module, data: ImageData, config: AnalysisConfig, generator: torch.Generator) -> dict:
+def measure(
+    model: nn.Module, data: ImageData, config: AnalysisConfig, sampler: BatchSampler, steps: Iterator[int]
+) -> dict:
     """Block and BN-layer statistics over ``config.batches`` forward/backward passes."""
     block_probes = probes(model)
     for _, module in block_probes + batchnorms(model):
         module.reset_grad_stats()
-    # Summed on the device (float64, the same arithmetic as in Python floats), read once after.
-    act_var = [0.0] * len(block_probes)
-    act_mean = [0.0] * len(block_probes)
+    # Activation (mean, var) per block summed on the device, [blocks, 2] float64, read once after.
+    act = torch.zeros(len(block_probes), 2, dtype=torch.float64, device=config.device)
     model.train()
-    for images, labels in _batches(data, config, config.batches, generator):
+    for images, labels in _batches(data, config, sampler, steps, config.batches):
         model.zero_grad(set_to_none=True)
         F.cross_entropy(model(images), labels).backward()
         for i, (_, probe) in enumerate(block_probes):
-            act = probe.last_activation_stats
-            act_var[i] = act_var[i] + act.var.mean() / config.batches
-            act_mean[i] = act_mean[i] + act.mean.mean() / config.batches
+            s = summarize_channels(probe.last_activation_stats)
+            act[i] += torch.stack([s["mean"], s["var"]]) / config.batches
     model.zero_grad(set_to_none=True)
-    act_var, act_mean = [float(v) for v in act_var], [float(v) for v in act_mean]
+    act_mean, act_var = zip(*act.tolist()) if block_probes else ((), ())
 
     stages = _stage_of(model)
     blocks = []
     for i, (name, probe) in enumerate(block_probes):
         g = probe.accumulated_grad_stats.grad_output
-        var = g.var
+        summary = summary_values(summarize_channels(g))
         blocks.append(
             {
                 "index": i,
@@ -107,11 +106,11 @@ def measure(model: nn.Module, data: ImageData, config: AnalysisConfig, generator
                 "stage": stages[i],
                 "stage_start": i == 0 or stages[i] != stages[i - 1],
                 "channels": probe.num_channels,
-                "grad_var": var.mean().item(),
-                "grad_mean": g.mean.mean().item(),
-                "grad_var_min": var.min().item(),
-                "grad_var_max": var.max().item(),
-                "grad_var_cv": (var.std(correction=0) / var.mean()).item() if var.numel() > 1 else 0.0,
+                "grad_var": summary["var"],
+                "grad_mean": summary["mean"],
+                "grad_var_min": summary["var_min"],
+                "grad_var_max": summary["var_max"],
+                "grad_var_cv": _spread(g.var),
                 "act_var": act_var[i],
                 "act_mean": act_mean[i],
             }
@@ -123,19 +122,30 @@ def measure(model: nn.Module, data: ImageData, config: AnalysisConfig, generator
     bn_layers = []
     for name, layer in batchnorms(model):
         s = layer.accumulated_grad_stats
-        dy_var, dx_var = s.grad_output.var.mean().item(), s.grad_input.var.mean().item()
+        dy, dx = (
+            summary_values(summarize_channels(s.grad_output)),
+            summary_values(summarize_channels(s.grad_input)),
+        )
+        dy_var, dx_var = dy["var"], dx["var"]
         bn_layers.append(
             {
                 "name": name,
                 "channels": layer.num_features,
                 "dy_var": dy_var,
                 "dx_var": dx_var,
-                "dy_mean": s.grad_output.mean.mean().item(),
-                "dx_mean": s.grad_input.mean.mean().item(),
+                "dy_mean": dy["mean"],
+                "dx_mean": dx["mean"],
                 "dx_over_dy": dx_var / dy_var if dy_var > 0 else None,
             }
         )
     return {"blocks": blocks, "bn_layers": bn_layers, "summary": summarize(blocks)}
+
+
+def _spread(var: Tensor) -> float:
+    """Coefficient of variation over channels of the per-channel variances (channels without
+    finite values left out); 0 for fewer than two."""
+    var = var[~var.isnan()]
+    return (var.std(correction=0) / var.mean()).item() if var.numel() > 1 else 0.0
 
 
 def summarize(blocks: list[dict]) -> dict:
@@ -157,11 +167,13 @@ def summarize(blocks: list[dict]) -> dict:
     }
 
 
-def _train(model: nn.Module, data: ImageData, config: AnalysisConfig, generator: torch.Generator) -> float:
+def _train(
+    model: nn.Module, data: ImageData, config: AnalysisConfig, sampler: BatchSampler, steps: Iterator[int]
+) -> float:
     optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=0.9, weight_decay=5e-4)
     model.train()
     loss = float("nan")
-    for images, labels in _batches(data, config, config.steps, generator):
+    for images, labels in _batches(data, config, sampler, steps, config.steps):
         optimizer.zero_grad(set_to_none=True)
         out = F.cross_entropy(model(images), labels)
         out.backward()
@@ -176,11 +188,14 @@ def analyze_variant(variant: str, config: AnalysisConfig, data: ImageData) -> di
         variant, config.depth, width=config.width, preact=config.preact, num_classes=data.num_classes
     )
     model = instrument(model, record_activations=True).to(config.device)
-    generator = torch.Generator().manual_seed(config.seed + 1)
-    result = measure(model, data, config, generator)
+    # One sequence of batches: the measurement, the training steps, the measurement after them.
+    samples = len(data.train_labels)
+    sampler = BatchSampler(samples, min(config.batch_size, samples), config.seed)
+    steps = itertools.count()
+    result = measure(model, data, config, sampler, steps)
     if config.steps > 0:
-        loss = _train(model, data, config, generator)
-        after = measure(model, data, config, generator)
+        loss = _train(model, data, config, sampler, steps)
+        after = measure(model, data, config, sampler, steps)
         after["steps"] = config.steps
         after["final_loss"] = loss
         result["after_steps"] = after
@@ -245,7 +260,8 @@ def format_report(result: dict) -> str:
         s = r["summary"]
         fmt = lambda v, f: "n/a" if v is None else format(v, f)  # noqa: E731
         lines.append(
-            f"  {variant:<12} {fmt(s['first_over_last'], '12.3g')} {fmt(s['within_stage_ratio_max'], '13.3f')} "
+            f"  {variant:<12} {fmt(s['first_over_last'], '12.3g')} "
+            f"{fmt(s['within_stage_ratio_max'], '13.3f')} "
             f"{fmt(s['within_stage_ratio_geomean'], '9.3f')}  "
             + ", ".join(f"{t:.3f}" for t in s["transition_ratios"])
         )
@@ -331,7 +347,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def config_from_args(args: argparse.Namespace) -> AnalysisConfig:
     check_min(args, ("batch_size", "batches", "width"), 1)
     check_min(args, ("steps",), 0)
-    return AnalysisConfig(
+    config = AnalysisConfig(
         depth=args.depth,
         variants=parse_variants(args.variants),
         preact=args.preact,
@@ -344,6 +360,10 @@ def config_from_args(args: argparse.Namespace) -> AnalysisConfig:
         device=str(resolve_device(args.device)),
         seed=args.seed,
     )
+    if not config.variants:
+        raise ValueError(f"--variants: none given; choose from {', '.join(VARIANTS)} or 'all'")
+    check_choice(config, "variants", VARIANTS)
+    return config
 
 
 def main(args: argparse.Namespace) -> int:

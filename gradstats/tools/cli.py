@@ -12,7 +12,8 @@ from .bench import cli as bench
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gradstats",
-        description="Per-channel gradient statistics of BatchNorm networks, from a fused batch-norm backward.",
+        description="Per-channel gradient statistics of BatchNorm networks, "
+        "from a fused batch-norm backward.",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, module, run, help in (

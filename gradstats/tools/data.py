@@ -2,7 +2,7 @@
 float32 images (normalised per channel) and int64 labels.
 
 Sources (``load_dataset(spec)``):
-  "builtin" / "digits"  scikit-learn's bundled handwritten digits: 1,797 real 8x8 grayscale
+  "builtin"             scikit-learn's bundled handwritten digits: 1,797 real 8x8 grayscale
                         images of 10 classes (UCI "Optical Recognition of Handwritten Digits"),
                         upscaled to 32x32 and repeated over 3 channels. No download.
   a folder with CIFAR-10 or CIFAR-100 in the "python version" format (data_batch_1..5 and
@@ -72,7 +72,7 @@ class ImageData:
 def load_dataset(spec: str = "builtin", *, test_fraction: float = 0.2, seed: int = 0) -> ImageData:
     """The data named by ``spec`` (see the module docstring). Splits without their own test set
     (the digits, an ImageFolder without train/ and test/) are split with ``test_fraction``."""
-    if spec in ("builtin", "digits"):
+    if spec == "builtin":
         images, labels = _digits()
         return _finish("digits (scikit-learn, built in)", *_split(images, labels, test_fraction, seed))
     if not os.path.exists(spec):

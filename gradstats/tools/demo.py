@@ -10,11 +10,13 @@ import torch
 import torch.nn.functional as F
 
 from .. import __version__
+from ..convert import batchnorms, convert_batchnorm
 from ..models import cifar_resnet
-from ..nn import batchnorms, convert_batchnorm
 from ..ops import cpu_capability, cuda_kernels_built
+from ..summary import summarize_channels, summary_values
 from .data import load_dataset
-from .options import resolve_device
+from .options import check_min, resolve_device
+from .sampling import BatchSampler
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -26,6 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    check_min(args, ("batch_size",), 1)
     torch.manual_seed(args.seed)
     device = resolve_device(args.device)
     print(
@@ -37,8 +40,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"CIFAR ResNet-{args.depth}: {len(layers)} BatchNorm layers converted to GradStatBatchNorm2d")
 
     data = load_dataset("builtin", seed=args.seed)
-    batch = torch.randperm(len(data.train_labels), generator=torch.Generator().manual_seed(args.seed))
-    batch = batch[: args.batch_size]
+    samples = len(data.train_labels)
+    batch = BatchSampler(samples, min(args.batch_size, samples), args.seed).indices(0)
     images, labels = data.train_images[batch].to(device), data.train_labels[batch].to(device)
     fmt = torch.channels_last if args.channels_last else torch.contiguous_format
     model = model.to(memory_format=fmt)
@@ -59,17 +62,20 @@ def run(args: argparse.Namespace) -> int:
     )
 
     print("Per-channel statistics of the gradient each layer received (dy) and passed on (dx),")
-    print("averaged over channels; var is the population variance over (N, H, W).")
-    header = f"{'layer':<22} {'C':>4} {'count':>7} {'mean dy':>11} {'var dy':>10} {'mean dx':>11} {'var dx':>10} {'var dx/dy':>10}"
+    print("averaged over the channels with finite values; var is the population variance over (N, H, W).")
+    header = (
+        f"{'layer':<22} {'C':>4} {'count':>7} {'mean dy':>11} {'var dy':>10} "
+        f"{'mean dx':>11} {'var dx':>10} {'var dx/dy':>10}"
+    )
     print(header)
     print("-" * len(header))
     for name, layer in layers:
         stats = layer.last_grad_stats
-        dy, dx = stats.grad_output, stats.grad_input
-        var_dy, var_dx = dy.var.mean().item(), dx.var.mean().item()
-        ratio = var_dx / var_dy if var_dy > 0 else float("nan")
+        dy = summary_values(summarize_channels(stats.grad_output))
+        dx = summary_values(summarize_channels(stats.grad_input))
+        ratio = dx["var"] / dy["var"] if dy["var"] > 0 else float("nan")
         print(
-            f"{name:<22} {layer.num_features:>4} {int(dy.count.max()):>7} {dy.mean.mean().item():>11.3e} {var_dy:>10.3e} "
-            f"{dx.mean.mean().item():>11.3e} {var_dx:>10.3e} {ratio:>10.3g}"
+            f"{name:<22} {layer.num_features:>4} {dy['count']:>7} {dy['mean']:>11.3e} {dy['var']:>10.3e} "
+            f"{dx['mean']:>11.3e} {dx['var']:>10.3e} {ratio:>10.3g}"
         )
     return 0

@@ -12,7 +12,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from ..nn import gradstats_buffer_names
+from ..convert import gradstats_buffer_names
 from .options import resolve_device
 
 

@@ -8,9 +8,11 @@ A stats.jsonl record:
                     "dy_nonfinite", "dx_...": the same for dx}],
      "blocks": [{"name", "channels", "count", "grad_mean", "grad_var", "grad_var_min",
                  "grad_var_max", "grad_nonfinite"}]}
-Per layer: "count" is values per channel since the last record; "*_mean" and "*_var" are the
-per-channel mean and (population) variance averaged over channels; min/max are over channels;
-"*_nonfinite" counts NaN/Inf values (left out of the moments). Non-finite numbers become null.
+Per layer: "count" is values per channel since the last record; the rest is
+gradstats.summary.summarize_channels: "*_mean" and "*_var" are the per-channel mean and
+(population) variance averaged over the channels with finite values; min/max are over those
+channels; "*_nonfinite" counts NaN/Inf values (left out of the moments). Non-finite numbers
+become null.
 """
 
 from __future__ import annotations
@@ -23,20 +25,14 @@ from typing import Any
 from torch import Tensor
 
 from ..stats import ChannelStats, GradStats
+from ..summary import summarize_channels, summary_values
 
 STATS_FILE = "stats.jsonl"
 
 
 def _channels(c: ChannelStats, prefix: str) -> dict[str, Any]:
-    var = c.var
-    finite = var[~var.isnan()]
-    return {
-        f"{prefix}mean": c.mean.nanmean().item(),
-        f"{prefix}var": var.nanmean().item(),
-        f"{prefix}var_min": finite.min().item() if finite.numel() else None,
-        f"{prefix}var_max": finite.max().item() if finite.numel() else None,
-        f"{prefix}nonfinite": int(c.nonfinite.sum().item()),
-    }
+    summary = summary_values(summarize_channels(c))
+    return {prefix + key: summary[key] for key in ("mean", "var", "var_min", "var_max", "nonfinite")}
 
 
 def layer_record(name: str, merged: Tensor) -> dict[str, Any]:
@@ -53,6 +49,10 @@ def layer_record(name: str, merged: Tensor) -> dict[str, Any]:
         record.update(_channels(stats.grad_output, "dy_"))
         record.update(_channels(stats.grad_input, "dx_"))
     return record
+
+
+def _is_number(value) -> bool:
+    return value is not None and math.isfinite(value)
 
 
 def finite(value):
@@ -95,10 +95,10 @@ class StatsLog:
                 self.writer.add_scalar(f"train/{key}", record[key], step)
         for layer in record["bn_layers"]:
             for key in ("dy_var", "dx_var"):
-                if layer.get(key) is not None:
+                if _is_number(layer.get(key)):
                     self.writer.add_scalar(f"bn_{key}/{layer['name']}", layer[key], step)
         for block in record["blocks"]:
-            if block.get("grad_var") is not None:
+            if _is_number(block.get("grad_var")):
                 self.writer.add_scalar(f"block_grad_var/{block['name']}", block["grad_var"], step)
 
     def scalar(self, tag: str, value: float, step: int) -> None:

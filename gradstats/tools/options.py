@@ -16,6 +16,26 @@ def check_min(options, names, minimum: int) -> None:
             raise ValueError(f"--{name.replace('_', '-')} must be {bound}, got {value}")
 
 
+def check_choice(options, name: str, choices) -> None:
+    """ValueError naming the option if attribute ``name`` of ``options`` (a value, or a list or
+    tuple of values) is not among ``choices``."""
+    value = getattr(options, name)
+    for item in value if isinstance(value, (list, tuple)) else (value,):
+        if item not in choices:
+            raise ValueError(
+                f"--{name.replace('_', '-')} {item!r}: choose from {', '.join(map(str, choices))}"
+            )
+
+
+def check_range(options, name: str, low: float, high: float) -> None:
+    """ValueError naming the option if attribute ``name`` of ``options`` (a number, or a list or
+    tuple of numbers) is not strictly between ``low`` and ``high``."""
+    value = getattr(options, name)
+    for item in value if isinstance(value, (list, tuple)) else (value,):
+        if not low < item < high:
+            raise ValueError(f"--{name.replace('_', '-')} must be in ({low}, {high}), got {value}")
+
+
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     """'auto' is CUDA when available, else CPU; a bare 'cuda' becomes this process's GPU."""
     if name == "auto":

@@ -3,10 +3,10 @@ instrumented ResNet that records per-BN-layer and per-block gradient statistics 
 evaluates each epoch, checkpoints, resumes exactly, and runs under torchrun with
 DistributedDataParallel (docs/train.md).
 
-Reproducibility: the data order of each epoch is a function of (seed, epoch) and the
-augmentation of (seed, step), drawn for the global batch, of which rank r takes the r-th slice;
-so a step's global batch depends neither on the number of processes nor on where a run was
-resumed. The checkpoint holds everything else that changes (gradstats.checkpoint).
+Reproducibility: a step's global batch comes from sampling.BatchSampler (a function of (seed,
+step)) and its augmentation from (seed, step), drawn for the global batch, of which rank r takes
+the r-th slice; so it depends neither on the number of processes nor on where a run was
+resumed. The checkpoint holds everything else that changes (tools/checkpoint.py).
 """
 
 from __future__ import annotations
@@ -14,22 +14,23 @@ from __future__ import annotations
 import json
 import os
 import time
-import zlib
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from tqdm import tqdm
 
 from .. import distributed
+from ..convert import batchnorms, instrument, probes
 from ..models import VARIANTS, cifar_resnet_variant
-from ..nn import batchnorms, instrument, probes
 from ..syncbn import convert_sync_batchnorm
 from . import launch, logs
 from .checkpoint import save_checkpoint
 from .data import load_dataset
-from .options import check_min
+from .options import check_choice, check_min, check_range
+from .sampling import BatchSampler, stable_seed
 
 CHECKPOINT = "checkpoint.pt"
 TORCHVISION_MODELS = ("resnet18", "resnet34", "resnet50")
@@ -67,27 +68,15 @@ class TrainConfig:
     eval_batch_size: int = 500
 
     def validate(self) -> None:
-        if self.model != "cifar_resnet" and self.model not in TORCHVISION_MODELS:
-            raise ValueError(
-                f"--model {self.model!r}: choose cifar_resnet or {', '.join(TORCHVISION_MODELS)}"
-            )
-        if self.variant not in VARIANTS:
-            raise ValueError(f"--variant {self.variant!r}: choose from {', '.join(VARIANTS)}")
-        if self.schedule not in ("cosine", "step"):
-            raise ValueError(f"--schedule {self.schedule!r}: choose cosine or step")
-        if self.dtype not in DTYPES:
-            raise ValueError(f"--dtype {self.dtype!r}: choose from {', '.join(DTYPES)}")
+        check_choice(self, "model", ("cifar_resnet", *TORCHVISION_MODELS))
+        check_choice(self, "variant", VARIANTS)
+        check_choice(self, "schedule", ("cosine", "step"))
+        check_choice(self, "dtype", DTYPES)
         check_min(self, ("epochs", "batch_size", "log_every", "eval_batch_size", "width"), 1)
         check_min(
             self, ("steps", "checkpoint_every", "stop_at", "lr", "momentum", "weight_decay", "gamma"), 0
         )
-        if not all(0 < m < 1 for m in self.milestones):
-            raise ValueError(f"--milestones must be fractions of the run in (0, 1), got {self.milestones}")
-
-
-def _seed(*parts) -> int:
-    """A seed per (run seed, purpose, index), the same in every process (unlike hash())."""
-    return zlib.crc32("/".join(map(str, parts)).encode())
+        check_range(self, "milestones", 0, 1)
 
 
 def build_model(config: TrainConfig, num_classes: int) -> nn.Module:
@@ -181,10 +170,41 @@ class Trainer:
         self.history: dict[str, Any] = {"eval": [], "elapsed_s": 0.0}
         if resume is not None:
             self._restore(resume)
+        self.lr = self.optimizer.param_groups[0]["lr"]  # the rate of the last step taken
         self.net = launch.wrap_ddp(self.model, ctx)
+        self.sampler = BatchSampler(n_train, self.global_batch, config.seed, self.device)
         self.augment_generator = torch.Generator(self.device)
-        self.order: Tensor | None = None
+
+        # Wall-clock accounting: elapsed_s adds this process's time since `started` to the
+        # resumed run's; images_per_s counts from `mark` (the last record) minus `paused`
+        # (evaluation and checkpoint writing).
+        self.elapsed_before = self.history["elapsed_s"]
+        self.started = self.mark = time.perf_counter()
+        self.paused = 0.0
+
+        # Output: rank 0 writes OUT/stats.jsonl (cut back to the resumed step) and the progress
+        # bar; the other ranks log nowhere.
         self.stats_path = os.path.join(config.out, logs.STATS_FILE)
+        if ctx.is_main:
+            os.makedirs(config.out, exist_ok=True)
+            if resume is None:
+                open(self.stats_path, "w").close()
+            else:
+                logs.truncate_records(self.stats_path, self.step)
+        self.stats = logs.StatsLog(config.out, config.tensorboard) if ctx.is_main else _NoLog()
+        self.bar = tqdm(
+            total=self.total_steps,
+            initial=self.step,
+            desc="train",
+            unit="step",
+            disable=not (ctx.is_main and config.progress),
+            dynamic_ncols=True,
+        )
+
+    def close(self) -> None:
+        """Closes the progress bar and the statistics log."""
+        self.bar.close()
+        self.stats.close()
 
     # -- checkpoints -------------------------------------------------------------------------------
     def _state(self) -> dict[str, Any]:
@@ -244,16 +264,12 @@ class Trainer:
 
     # -- steps -------------------------------------------------------------------------------------
     def batch(self, step: int) -> tuple[Tensor, Tensor]:
-        epoch, position = divmod(step, self.steps_per_epoch)
-        if self.order is None or position == 0:
-            generator = torch.Generator().manual_seed(_seed(self.config.seed, "order", epoch))
-            self.order = torch.randperm(len(self.train_labels), generator=generator).to(self.device)
-        lo = position * self.global_batch + self.ctx.rank * self.local_batch
-        index = self.order[lo : lo + self.local_batch]
+        """This rank's slice of step ``step``'s global batch, augmented with --augment."""
+        mine = slice(self.ctx.rank * self.local_batch, (self.ctx.rank + 1) * self.local_batch)
+        index = self.sampler.indices(step)[mine]
         images, labels = self.train_images[index], self.train_labels[index]
         if self.config.augment:
-            g = self.augment_generator.manual_seed(_seed(self.config.seed, "augment", step))
-            mine = slice(self.ctx.rank * self.local_batch, (self.ctx.rank + 1) * self.local_batch)
+            g = self.augment_generator.manual_seed(stable_seed(self.config.seed, "augment", step))
             shifts = torch.randint(0, 9, (2, self.global_batch), generator=g, device=self.device)[:, mine]
             flips = (torch.rand(self.global_batch, generator=g, device=self.device) < 0.5)[mine]
             images = augment(images, shifts, flips)
@@ -342,8 +358,13 @@ class Trainer:
 
     # -- the run -----------------------------------------------------------------------------------
     def run(self) -> dict[str, Any] | None:
-        from tqdm import tqdm
+        """Steps to --stop-at or the end, then (rank 0, at the end) finish(); closes the logs."""
+        try:
+            return self._run()
+        finally:
+            self.close()
 
+    def _run(self) -> dict[str, Any] | None:
         config, main = self.config, self.ctx.is_main
         stop = min(config.stop_at or self.total_steps, self.total_steps)
         self.log(f"data: {self.data_description}")
@@ -356,36 +377,22 @@ class Trainer:
         )
         if self.step >= stop:
             self.log(
-                f"nothing to do: the run is at step {self.step} of {self.total_steps} (--stop-at {config.stop_at})"
+                f"nothing to do: the run is at step {self.step} of {self.total_steps} "
+                f"(--stop-at {config.stop_at})"
             )
             return None
-        self.stats = logs.StatsLog(config.out, config.tensorboard) if main else _NoLog()
-        self.bar = tqdm(
-            total=self.total_steps,
-            initial=self.step,
-            desc="train",
-            unit="step",
-            disable=not (main and config.progress),
-            dynamic_ncols=True,
-        )
-        self.elapsed_before = self.history["elapsed_s"]
-        self.started = self.mark = time.perf_counter()
-        self.paused = 0.0
-        try:
-            for step in range(self.step, stop):
-                self.train_step(step)
-                self.step = done = step + 1
-                end = done == self.total_steps
-                if done % config.log_every == 0 or end:
-                    self.record()
-                if main and (done % self.steps_per_epoch == 0 or end):
-                    self.evaluate()
-                every = config.checkpoint_every or self.steps_per_epoch
-                if done % every == 0 or end or done == stop:
-                    self.checkpoint()
-        finally:
-            self.bar.close()
-            self.stats.close()
+        self.started = self.mark = time.perf_counter()  # the clock runs from the first step
+        for step in range(self.step, stop):
+            self.train_step(step)
+            self.step = done = step + 1
+            end = done == self.total_steps
+            if done % config.log_every == 0 or end:
+                self.record()
+            if main and (done % self.steps_per_epoch == 0 or end):
+                self.evaluate()
+            every = config.checkpoint_every or self.steps_per_epoch
+            if done % every == 0 or end or done == stop:
+                self.checkpoint()
         if not main or self.step < self.total_steps:
             if self.step < self.total_steps:
                 self.log(f"stopped at step {self.step} of {self.total_steps}; continue with --resume")
@@ -450,13 +457,6 @@ def train(config: TrainConfig, resume: dict | None = None, log=print) -> dict[st
     the end of the run, else None."""
     ctx = launch.setup(config.device)
     try:
-        trainer = Trainer(config, ctx, resume, log)
-        if ctx.is_main:
-            os.makedirs(config.out, exist_ok=True)
-            if resume is None:
-                open(trainer.stats_path, "w").close()
-            else:
-                logs.truncate_records(trainer.stats_path, trainer.step)
-        return trainer.run()
+        return Trainer(config, ctx, resume, log).run()
     finally:
         launch.teardown(ctx)

@@ -46,7 +46,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--e2e",
         action="store_true",
-        help="instead: one training step of a CIFAR ResNet-56 (batch 128) plain, instrumented, and with hooks",
+        help="instead: one training step of a CIFAR ResNet-56 (batch 128) plain, instrumented, "
+        "and with hooks",
     )
     parser.add_argument("--steps", type=int, default=10, help="--e2e: timed steps per variant")
 
@@ -93,9 +94,10 @@ def main(args: argparse.Namespace) -> int:
         "fused_pct_copy_geomean": geometric_mean([r.fused_pct_copy for r in rows]),
     }
     print(
-        f"geometric mean over {len(rows)} configurations: fused/native {summary['fused_vs_native_geomean']:.3f}, "
-        f"unfused/fused {summary['unfused_vs_fused_geomean']:.2f}, fused at {summary['fused_pct_copy_geomean']:.0f}% "
-        f"of copy bandwidth"
+        f"geometric mean over {len(rows)} configurations: "
+        f"fused/native {summary['fused_vs_native_geomean']:.3f}, "
+        f"unfused/fused {summary['unfused_vs_fused_geomean']:.2f}, "
+        f"fused at {summary['fused_pct_copy_geomean']:.0f}% of copy bandwidth"
     )
     if args.json:
         payload = {

@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ...convert import instrument
 from ...models import cifar_resnet
-from ...nn import instrument
 from .timing import git_commit, machine_description, time_interleaved
 
 DEPTH, BATCH = 56, 128

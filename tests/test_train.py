@@ -17,7 +17,7 @@ import gradstats
 from gradstats.models import cifar_resnet
 from gradstats.tools import trainer
 from gradstats.tools.cli import main as cli_main
-from gradstats.tools.trainer import augment
+from gradstats.tools.sources import augment
 
 FAST = ["--depth", "8", "--no-progress", "--device", "cpu"]
 PNG = b"\x89PNG\r\n\x1a\n"

@@ -34,6 +34,7 @@ RUN_FIELDS = (
     "milestones",
     "gamma",
     "augment",
+    "image_size",
     "sync_bn",
     "dtype",
     "seed",
@@ -49,7 +50,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add(
         "--data",
         help="'builtin' (scikit-learn's 1,797 digits, default), a CIFAR-10/100 python-format folder, "
-        "or an ImageFolder folder",
+        "or an ImageFolder folder (streamed at --image-size; needs torchvision: pip install gradstats[data])",
     )
     add(
         "--model",
@@ -72,7 +73,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--augment",
         action="store_true",
         default=None,
-        help="random crops (4-pixel padding) and horizontal flips",
+        help="random crops (4-pixel padding; ImageFolder data: random-resized crops) and horizontal flips",
+    )
+    add(
+        "--image-size",
+        type=int,
+        metavar="PIXELS",
+        help="ImageFolder data: train on PIXELS x PIXELS crops (default 224 for torchvision models, "
+        "32 for cifar_resnet; at least 8); digits and CIFAR are 32x32",
+    )
+    add(
+        "--workers",
+        type=int,
+        help=f"ImageFolder data: DataLoader processes decoding images (default {d.workers}; 0: none)",
     )
     add(
         "--sync-bn",

@@ -85,7 +85,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add(
         "--workers",
         type=int,
-        help=f"ImageFolder data: DataLoader processes decoding images (default {d.workers}; 0: none)",
+        help="ImageFolder data: DataLoader processes decoding images (default: 4, at most the CPUs; 0: none)",
     )
     add(
         "--sync-bn",

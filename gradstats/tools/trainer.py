@@ -62,7 +62,8 @@ class TrainConfig:
     gamma: float = 0.1
     augment: bool = False
     image_size: int = 0  # ImageFolder data: 0 is 224 for torchvision models, 32 for cifar_resnet
-    workers: int = 4  # DataLoader worker processes for ImageFolder data
+    # DataLoader worker processes for ImageFolder data (not part of the run: batches do not depend on it)
+    workers: int = field(default_factory=lambda: min(4, os.cpu_count() or 1))
     sync_bn: bool = False
     dtype: str = "float32"
     seed: int = 0

@@ -1,5 +1,7 @@
-"""Datasets for the analysis and training commands, all as in-memory tensors of 3 x 32 x 32
-float32 images (normalised per channel) and int64 labels.
+"""Datasets for the analysis and training commands as in-memory tensors of 3 x 32 x 32 float32
+images (normalised per channel) and int64 labels; and the checked reading of image files
+(``image_files``, ``read_image``) that a training run's streamed ImageFolder (imagefolder.py,
+sources.py) also decodes through.
 
 Sources (``load_dataset(spec)``):
   "builtin"             scikit-learn's bundled handwritten digits: 1,797 real 8x8 grayscale
@@ -9,6 +11,7 @@ Sources (``load_dataset(spec)``):
                         test_batch, or train and test; as the tarballs from the CIFAR site unpack)
   a folder in ImageFolder layout: one sub-folder per class holding image files (read with
                         Pillow, resized to 32x32); an optional train/ and test/ split inside.
+                        (`gradstats train` streams such a folder at full size instead.)
 Missing or malformed data raises DataError, which says what was expected where.
 
 Untrusted folders. Reading a dataset never runs code from it: CIFAR batches are pickles, read

@@ -23,7 +23,6 @@ def needs_cuda(test):
     """Marks a test that needs a CUDA device and gradstats' CUDA kernels (as DEVICES' "cuda")."""
     return pytest.mark.cuda(_SKIP_WITHOUT_CUDA(test))
 
-
 FLOAT_DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 
 # Relative tolerance per storage dtype, against the float64 reference. Errors are measured
@@ -70,18 +69,8 @@ def assert_close_scaled(actual, expected, scale, tol, what, atol=0.0):
     )
 
 
-def make_bn_inputs(
-    shape,
-    dtype,
-    device,
-    *,
-    channels_last=False,
-    affine=True,
-    seed=0,
-    dy_offset=0.5,
-    x_scale=3.0,
-    x_offset=1.0,
-):
+def make_bn_inputs(shape, dtype, device, *, channels_last=False, affine=True, seed=0,
+                   dy_offset=0.5, x_scale=3.0, x_offset=1.0):
     """Random (dy, x, weight, mean, invstd) as the forward of a batch norm would save them:
     mean and invstd are the batch statistics of x (computed in float64, stored in the
     accumulation dtype)."""

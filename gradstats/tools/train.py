@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
-from dataclasses import fields
+from dataclasses import asdict, fields
 
 from ..models import VARIANTS
 from .checkpoint import CheckpointError, load_checkpoint
@@ -153,7 +153,7 @@ def config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, dict | None
             raise ValueError(f"--resume: {error}") from error
         if resume.get("format") != "gradstats-train":
             raise ValueError(f"--resume: {path} is a gradstats checkpoint but not of `gradstats train`")
-        saved = resume["config"]
+        saved = {**asdict(TrainConfig()), **resume["config"]}  # fields newer than the checkpoint: defaults
         conflicts = [k for k in RUN_FIELDS if k in given and given[k] != saved[k]]
         if conflicts:
             raise ValueError(

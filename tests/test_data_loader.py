@@ -158,10 +158,11 @@ def test_training_crops_vary_by_epoch_and_evaluation_is_a_centre_crop(folder):
     assert error < 1e-5
 
 
-def test_batches_do_not_depend_on_the_number_of_workers(folder):
+def test_batches_do_not_depend_on_the_number_of_workers_or_processes(folder):
     """Each sample's crop is drawn from (seed, step, position): what a worker process computes
-    equals what the main process computes, and a DataLoader started at step k (as after
-    --resume) gives what one running from step 0 gives at k."""
+    equals what the main process computes, ranks 0 and 1 of two processes take the two halves of
+    one process's batch, and a DataLoader started at step k (as after --resume) gives what one
+    running from step 0 gives at k."""
     inline, workers = _stream(folder, workers=0), _stream(folder, workers=2)
     try:
         for step in range(6):
@@ -169,6 +170,11 @@ def test_batches_do_not_depend_on_the_number_of_workers(folder):
             assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]), step
         resumed = _stream(folder, workers=2)
         assert torch.equal(resumed.train_batch(5)[0], a[0])
+        for rank in (0, 1):
+            plan = BatchPlan(8, rank=rank, world_size=2, augment=True)
+            half = FolderStream(str(folder), plan, image_size=32).train_batch(5)
+            assert torch.equal(half[0], a[0][4 * rank : 4 * rank + 4])
+            assert torch.equal(half[1], a[1][4 * rank : 4 * rank + 4])
     finally:
         workers.close()
         resumed.close()

@@ -206,6 +206,8 @@ def test_resume_on_the_folder_continues_exactly(tmp_path, folder):
     assert a["step"] == b["step"] == 6
     for name, value in a["model"].items():
         assert torch.equal(value, b["model"][name]), name
+    # The DataLoaders draw nothing from torch's global generator (whose state the checkpoint saves).
+    assert torch.equal(a["rng"]["torch"], b["rng"]["torch"])
     for key, state in a["optimizer"]["state"].items():
         assert torch.equal(state["momentum_buffer"], b["optimizer"]["state"][key]["momentum_buffer"])
     timing = ("images_per_s", "elapsed_s")

@@ -185,8 +185,15 @@ class FolderStream:
         self._next_step = -1
 
     def _loader(self, dataset, **options) -> torch.utils.data.DataLoader:
+        # A generator of its own: a DataLoader iterator otherwise draws its workers' base seed
+        # from torch's global one, whose state the checkpoint saves (resume would change it).
+        # The transforms' draws are seeded per sample (SeededSamples), not from this.
         return torch.utils.data.DataLoader(
-            dataset, num_workers=self.workers, pin_memory=self.device.type == "cuda", **options
+            dataset,
+            num_workers=self.workers,
+            pin_memory=self.device.type == "cuda",
+            generator=torch.Generator().manual_seed(self.plan.seed),
+            **options,
         )
 
     def _keys(self, start: int) -> Iterator[list[tuple[int, int]]]:

@@ -54,7 +54,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     add(
         "--model",
-        help=f"cifar_resnet (default) or a torchvision {', '.join(TORCHVISION_MODELS)} (CIFAR stem)",
+        help=f"cifar_resnet (default) or a torchvision {', '.join(TORCHVISION_MODELS)} "
+        "(CIFAR stem for images up to 64x64)",
     )
     add("--depth", type=int, help=f"cifar_resnet depth 6n+2 (default {d.depth})")
     add("--width", type=int, help="cifar_resnet channel multiplier (default 1)")

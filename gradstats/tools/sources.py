@@ -11,10 +11,12 @@ training batch (``train_batch(step)``) and for the evaluation batches (``eval_ba
                 --augment; resize and centre crop for evaluation).
 
 Reproducibility, the same for both: step s's global batch is sampling.BatchSampler's (a
-function of (seed, step)), rank r takes its r-th slice, and each sample's augmentation is drawn
-from (seed, step, the sample's position in the global batch). So a step's batch depends neither
-on the number of processes or workers nor on where a run was resumed: after --resume the stream
-starts its DataLoader at the resumed step, with nothing to skip.
+function of (seed, step)), rank r takes its r-th slice, and the augmentation is drawn from
+(seed, step) for the whole global batch (TensorSource) or from (seed, step, the sample's
+position in the global batch) for each sample (FolderStream, in whichever worker decodes it).
+So a step's batch depends neither on the number of processes or workers nor on where a run was
+resumed: after --resume the stream starts its DataLoader at the resumed step (BatchSampler
+gives any step's indices directly), with nothing to skip or replay.
 """
 
 from __future__ import annotations

@@ -20,7 +20,8 @@ pip install --quiet numpy
 extras=""
 if [ "$what" = test ]; then
   extras="[test]"
-  # torchvision is optional (instrument() also probes its ResNets); only the release built for
+  # torchvision is optional (the `data` extra: instrument() also probes its ResNets, `train`
+  # streams ImageFolder data with it); only the release built for
   # this torch works beside it (torch 2.X.Y <-> torchvision 0.(X+15).Y), so ask for that one
   # and never let it replace torch. If it is not available, its tests skip.
   if ! python -c "import torchvision" 2>/dev/null; then

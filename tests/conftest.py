@@ -117,3 +117,13 @@ def read_records(folder) -> list[dict]:
     """The records of a `gradstats train` run: FOLDER/stats.jsonl, one JSON object per line."""
     with open(os.path.join(folder, "stats.jsonl")) as f:
         return [json.loads(line) for line in f]
+
+
+def torchvision_or_skip():
+    """torchvision, or a skip when it does not import (missing, or built for another torch,
+    which raises RuntimeError)."""
+    try:
+        import torchvision
+    except Exception as error:
+        pytest.skip(f"torchvision does not import: {error}")
+    return torchvision

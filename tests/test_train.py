@@ -11,13 +11,13 @@ import sys
 
 import pytest
 import torch
-from conftest import cli_error, read_records
+from conftest import cli_error, read_records, torchvision_or_skip
 
 import gradstats
 from gradstats.models import cifar_resnet
 from gradstats.tools import trainer
 from gradstats.tools.cli import main as cli_main
-from gradstats.tools.trainer import augment
+from gradstats.tools.sources import augment
 
 FAST = ["--depth", "8", "--no-progress", "--device", "cpu"]
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -98,12 +98,14 @@ def test_cli_smoke_on_builtin_data(tmp_path):
 
 
 def test_evaluates_each_epoch_on_an_image_folder(tmp_path, tiny_folder):
+    torchvision_or_skip()  # an ImageFolder is streamed with torchvision
     # 19 training images, global batch 8: 2 steps per epoch.
     summary = trainer.train(
         trainer.TrainConfig(
             out=str(tmp_path),
             data=tiny_folder,
             depth=8,
+            workers=0,
             batch_size=8,
             epochs=2,
             log_every=3,
@@ -203,15 +205,14 @@ def test_tensorboard_events_when_installed(tmp_path):
 
 
 def test_torchvision_resnet18_is_instrumented(tmp_path, tiny_folder):
-    try:
-        import torchvision  # noqa: F401
-    except Exception as error:  # a torchvision built for another torch raises RuntimeError
-        pytest.skip(f"torchvision does not import: {error}")
+    torchvision_or_skip()
     summary = trainer.train(
         trainer.TrainConfig(
             out=str(tmp_path),
             data=tiny_folder,
             model="resnet18",
+            image_size=32,
+            workers=0,
             batch_size=4,
             steps=1,
             log_every=1,
@@ -222,8 +223,20 @@ def test_torchvision_resnet18_is_instrumented(tmp_path, tiny_folder):
         log=lambda *a: None,
     )
     assert len(summary["bn_layers"]) == 20 and len(summary["blocks"]) == 8
+    assert "3x32x32" in summary["data"]
     record = read_records(tmp_path)[0]
     assert all(layer["count"] > 0 for layer in record["bn_layers"] + record["blocks"])
+
+
+def test_torchvision_stem_follows_the_image_size():
+    torchvision_or_skip()
+    config = trainer.TrainConfig(model="resnet18")
+    small = trainer.build_model(config, 2, image_size=trainer.CIFAR_STEM_MAX_SIZE)
+    large = trainer.build_model(config, 2, image_size=trainer.CIFAR_STEM_MAX_SIZE + 1)
+    assert small.conv1.kernel_size == (3, 3) and small.conv1.stride == (1, 1)
+    assert isinstance(small.maxpool, torch.nn.Identity)
+    assert large.conv1.kernel_size == (7, 7) and large.conv1.stride == (2, 2)
+    assert isinstance(large.maxpool, torch.nn.MaxPool2d)
 
 
 def test_augment_crops_and_flips():

@@ -1,5 +1,7 @@
-"""Datasets for the analysis and training commands, all as in-memory tensors of 3 x 32 x 32
-float32 images (normalised per channel) and int64 labels.
+"""Datasets for the analysis and training commands as in-memory tensors of 3 x 32 x 32 float32
+images (normalised per channel) and int64 labels; and the checked reading of image files
+(``image_files``, ``read_image``) that a training run's streamed ImageFolder (imagefolder.py,
+sources.py) also decodes through.
 
 Sources (``load_dataset(spec)``):
   "builtin"             scikit-learn's bundled handwritten digits: 1,797 real 8x8 grayscale
@@ -9,6 +11,7 @@ Sources (``load_dataset(spec)``):
                         test_batch, or train and test; as the tarballs from the CIFAR site unpack)
   a folder in ImageFolder layout: one sub-folder per class holding image files (read with
                         Pillow, resized to 32x32); an optional train/ and test/ split inside.
+                        (`gradstats train` streams such a folder at full size instead.)
 Missing or malformed data raises DataError, which says what was expected where.
 
 Untrusted folders. Reading a dataset never runs code from it: CIFAR batches are pickles, read
@@ -70,11 +73,23 @@ class ImageData:
 
 
 def load_dataset(spec: str = "builtin", *, test_fraction: float = 0.2, seed: int = 0) -> ImageData:
-    """The data named by ``spec`` (see the module docstring). Splits without their own test set
-    (the digits, an ImageFolder without train/ and test/) are split with ``test_fraction``."""
-    if spec == "builtin":
+    """The data named by ``spec`` (see the module docstring), in memory at 32x32. Splits without
+    their own test set (the digits, an ImageFolder without train/ and test/) are split with
+    ``test_fraction``."""
+    kind = data_kind(spec)
+    if kind == "builtin":
         images, labels = _digits()
         return _finish("digits (scikit-learn, built in)", *_split(images, labels, test_fraction, seed))
+    if kind == "cifar":
+        return _find_cifar(spec)
+    return _image_folder(spec, test_fraction, seed)
+
+
+def data_kind(spec: str) -> str:
+    """What ``spec`` names: "builtin", "cifar" (a CIFAR-10/100 python-format folder) or "folder"
+    (anything else that is a folder: read as an ImageFolder); DataError if it is neither."""
+    if spec == "builtin":
+        return "builtin"
     if not os.path.exists(spec):
         raise DataError(
             f"--data {spec!r}: no such file or folder (use 'builtin', a CIFAR-10/100 "
@@ -82,10 +97,7 @@ def load_dataset(spec: str = "builtin", *, test_fraction: float = 0.2, seed: int
         )
     if not os.path.isdir(spec):
         raise DataError(f"--data {spec!r}: expected a folder, got a file")
-    cifar = _find_cifar(spec)
-    if cifar is not None:
-        return cifar
-    return _image_folder(spec, test_fraction, seed)
+    return "cifar" if cifar_files(spec) is not None else "folder"
 
 
 def _finish(name, train_images, train_labels, test_images, test_labels) -> ImageData:
@@ -103,10 +115,16 @@ def _finish(name, train_images, train_labels, test_images, test_labels) -> Image
 
 
 def _split(images: Tensor, labels: Tensor, test_fraction: float, seed: int):
-    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
-    n_test = int(round(len(labels) * test_fraction))
-    test, train = order[:n_test], order[n_test:]
+    train, test = split_indices(len(labels), test_fraction, seed)
     return images[train], labels[train], images[test], labels[test]
+
+
+def split_indices(samples: int, test_fraction: float, seed: int) -> tuple[Tensor, Tensor]:
+    """(train, test) indices of a dataset without its own test split: a seeded permutation, of
+    which the first round(samples * test_fraction) are the test set."""
+    order = torch.randperm(samples, generator=torch.Generator().manual_seed(seed))
+    n_test = int(round(samples * test_fraction))
+    return order[n_test:], order[:n_test]
 
 
 def _digits() -> tuple[Tensor, Tensor]:
@@ -124,8 +142,24 @@ def _digits() -> tuple[Tensor, Tensor]:
 
 
 def _find_cifar(folder: str) -> ImageData | None:
-    """CIFAR-10 (data_batch_*, test_batch) or CIFAR-100 (train, test) in ``folder`` or in the
-    sub-folder its tarball unpacks to; None when neither is there."""
+    """CIFAR-10 or CIFAR-100 read from ``folder`` (see cifar_files); None when it is not there."""
+    found = cifar_files(folder)
+    if found is None:
+        return None
+    kind, train_files, test_file = found
+    label_key = b"labels" if kind == "CIFAR-10" else b"fine_labels"
+    train = [_cifar_file(path, label_key) for path in train_files]
+    test = _cifar_file(test_file, label_key)
+    root = os.path.dirname(test_file)
+    return _finish(
+        f"{kind} {root}", torch.cat([t[0] for t in train]), torch.cat([t[1] for t in train]), *test
+    )
+
+
+def cifar_files(folder: str) -> tuple[str, list[str], str] | None:
+    """("CIFAR-10" or "CIFAR-100", training batch paths, test batch path) when ``folder`` or the
+    sub-folder its tarball unpacks to holds CIFAR-10 (data_batch_*, test_batch) or CIFAR-100
+    (train, test); None when neither is there. Nothing is read."""
     for root in (
         folder,
         os.path.join(folder, "cifar-10-batches-py"),
@@ -136,15 +170,9 @@ def _find_cifar(folder: str) -> ImageData | None:
         names = set(os.listdir(root))
         batches = sorted(n for n in names if n.startswith("data_batch_"))
         if batches and "test_batch" in names:
-            train = [_cifar_file(os.path.join(root, n), b"labels") for n in batches]
-            test = _cifar_file(os.path.join(root, "test_batch"), b"labels")
-            return _finish(
-                "CIFAR-10 " + root, torch.cat([t[0] for t in train]), torch.cat([t[1] for t in train]), *test
-            )
+            return "CIFAR-10", [os.path.join(root, n) for n in batches], os.path.join(root, "test_batch")
         if {"train", "test"} <= names and os.path.isfile(os.path.join(root, "train")):
-            train = _cifar_file(os.path.join(root, "train"), b"fine_labels")
-            test = _cifar_file(os.path.join(root, "test"), b"fine_labels")
-            return _finish("CIFAR-100 " + root, *train, *test)
+            return "CIFAR-100", [os.path.join(root, "train")], os.path.join(root, "test")
     return None
 
 
@@ -185,16 +213,17 @@ def _cifar_file(path: str, label_key: bytes) -> tuple[Tensor, Tensor]:
 def _image_folder(folder: str, test_fraction: float, seed: int) -> ImageData:
     train_dir, test_dir = os.path.join(folder, "train"), os.path.join(folder, "test")
     if os.path.isdir(train_dir) and os.path.isdir(test_dir):
-        classes = _classes(train_dir)
+        classes = image_classes(train_dir)
         train = _read_images(train_dir, classes)
         test = _read_images(test_dir, classes)
         return _finish("ImageFolder " + folder, *train, *test)
-    classes = _classes(folder)
+    classes = image_classes(folder)
     images, labels = _read_images(folder, classes)
     return _finish("ImageFolder " + folder, *_split(images, labels, test_fraction, seed))
 
 
-def _classes(folder: str) -> list[str]:
+def image_classes(folder: str) -> list[str]:
+    """The class names of an ImageFolder: its sub-folders, sorted (label i is the i-th)."""
     classes = sorted(d for d in os.listdir(folder) if os.path.isdir(os.path.join(folder, d)))
     if not classes:
         raise DataError(
@@ -204,32 +233,53 @@ def _classes(folder: str) -> list[str]:
     return classes
 
 
-def _read_images(folder: str, classes: list[str]) -> tuple[Tensor, Tensor]:
-    try:
-        from PIL import Image
-    except ImportError as error:  # pragma: no cover
-        raise DataError("reading an image folder needs Pillow: pip install pillow") from error
-    images, labels = [], []
+def image_files(folder: str, classes: list[str]) -> list[tuple[str, int]]:
+    """(path, label) of every image file of an ImageFolder: the files with an image suffix
+    directly in each class folder, sorted by name. Sub-folders of a class folder are not walked
+    (a link back up would make that walk endless). DataError if there is none."""
+    files = []
     for label, name in enumerate(classes):
         directory = os.path.join(folder, name)
-        if not os.path.isdir(directory):
-            continue
-        for file in sorted(os.listdir(directory)):
-            if not file.lower().endswith(_IMAGE_SUFFIXES):
-                continue
-            rgb = _read_image(Image, os.path.join(directory, file))
-            images.append(torch.from_numpy(np.asarray(rgb, dtype=np.float32) / 255.0).permute(2, 0, 1))
-            labels.append(label)
-    if not images:
+        if os.path.isdir(directory):
+            files += [
+                (os.path.join(directory, f), label) for f in sorted(os.listdir(directory)) if is_image_file(f)
+            ]
+    if not files:
         raise DataError(
             f"{folder}: the class folders {classes[:5]} hold no image files ({', '.join(_IMAGE_SUFFIXES)})"
         )
+    return files
+
+
+def _read_images(folder: str, classes: list[str]) -> tuple[Tensor, Tensor]:
+    images, labels = [], []
+    bilinear = _pillow().BILINEAR
+    for path, label in image_files(folder, classes):
+        rgb = read_image(path).resize((IMAGE_SIZE, IMAGE_SIZE), bilinear)
+        images.append(torch.from_numpy(np.asarray(rgb, dtype=np.float32) / 255.0).permute(2, 0, 1))
+        labels.append(label)
     return torch.stack(images), torch.tensor(labels, dtype=torch.int64)
 
 
-def _read_image(Image, path: str):
-    """The image file at ``path`` as a 32x32 RGB Pillow image; DataError naming the file for a
-    decompression bomb, a truncated, corrupt or non-image file."""
+def is_image_file(path: str) -> bool:
+    """Whether ``path`` names an image by its suffix (the files an ImageFolder reads)."""
+    return path.lower().endswith(_IMAGE_SUFFIXES)
+
+
+def _pillow():
+    try:
+        from PIL import Image
+    except ImportError as error:  # pragma: no cover - Pillow is a dependency
+        raise DataError("reading an image folder needs Pillow: pip install gradstats[data]") from error
+    return Image
+
+
+def read_image(path: str):
+    """The image file at ``path`` as an RGB Pillow image, at its own size: the only way
+    gradstats decodes an image (also as the loader of the ImageFolder a training run streams).
+    DataError naming the file for a special file, a decompression bomb (refused from its header,
+    before decoding), a truncated, corrupt or non-image file."""
+    Image = _pillow()
     _check_regular_file(path)
     try:
         with warnings.catch_warnings():
@@ -239,7 +289,7 @@ def _read_image(Image, path: str):
                 width, height = image.size
                 if width * height <= MAX_IMAGE_PIXELS:
                     image.load()  # decodes: a truncated or corrupt file fails here
-                    return image.convert("RGB").resize((IMAGE_SIZE, IMAGE_SIZE), Image.BILINEAR)
+                    return image.convert("RGB")
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
         raise DataError(f"{path}: image refused as a decompression bomb ({error})") from None
     except (OSError, ValueError, SyntaxError, EOFError, struct.error) as error:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
-from dataclasses import fields
+from dataclasses import asdict, fields
 
 from ..models import VARIANTS
 from .checkpoint import CheckpointError, load_checkpoint
@@ -34,6 +34,7 @@ RUN_FIELDS = (
     "milestones",
     "gamma",
     "augment",
+    "image_size",
     "sync_bn",
     "dtype",
     "seed",
@@ -49,11 +50,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add(
         "--data",
         help="'builtin' (scikit-learn's 1,797 digits, default), a CIFAR-10/100 python-format folder, "
-        "or an ImageFolder folder",
+        "or an ImageFolder folder (streamed at --image-size; needs torchvision: pip install gradstats[data])",
     )
     add(
         "--model",
-        help=f"cifar_resnet (default) or a torchvision {', '.join(TORCHVISION_MODELS)} (CIFAR stem)",
+        help=f"cifar_resnet (default) or a torchvision {', '.join(TORCHVISION_MODELS)} "
+        "(CIFAR stem for images up to 64x64)",
     )
     add("--depth", type=int, help=f"cifar_resnet depth 6n+2 (default {d.depth})")
     add("--width", type=int, help="cifar_resnet channel multiplier (default 1)")
@@ -72,7 +74,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--augment",
         action="store_true",
         default=None,
-        help="random crops (4-pixel padding) and horizontal flips",
+        help="random crops (4-pixel padding; ImageFolder data: random-resized crops) and horizontal flips",
+    )
+    add(
+        "--image-size",
+        type=int,
+        metavar="PIXELS",
+        help="ImageFolder data: train on PIXELS x PIXELS crops (default 224 for torchvision models, "
+        "32 for cifar_resnet; at least 8); digits and CIFAR are 32x32",
+    )
+    add(
+        "--workers",
+        type=int,
+        help="ImageFolder data: DataLoader processes decoding images (default: 4, at most the CPUs; 0: none)",
     )
     add(
         "--sync-bn",
@@ -140,7 +154,7 @@ def config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, dict | None
             raise ValueError(f"--resume: {error}") from error
         if resume.get("format") != "gradstats-train":
             raise ValueError(f"--resume: {path} is a gradstats checkpoint but not of `gradstats train`")
-        saved = resume["config"]
+        saved = {**asdict(TrainConfig()), **resume["config"]}  # fields newer than the checkpoint: defaults
         conflicts = [k for k in RUN_FIELDS if k in given and given[k] != saved[k]]
         if conflicts:
             raise ValueError(

@@ -3,10 +3,12 @@ instrumented ResNet that records per-BN-layer and per-block gradient statistics 
 evaluates each epoch, checkpoints, resumes exactly, and runs under torchrun with
 DistributedDataParallel (docs/train.md).
 
-Reproducibility: a step's global batch comes from sampling.BatchSampler (a function of (seed,
-step)) and its augmentation from (seed, step), drawn for the global batch, of which rank r takes
-the r-th slice; so it depends neither on the number of processes nor on where a run was
-resumed. The checkpoint holds everything else that changes (tools/checkpoint.py).
+Data comes from a source (sources.py: in-memory tensors, or an ImageFolder streamed by a
+DataLoader). Reproducibility: a step's global batch comes from sampling.BatchSampler (a function
+of (seed, step)) and its augmentation from (seed, step), drawn for the global batch, of which
+rank r takes the r-th slice; so it depends neither on the number of processes (or DataLoader
+workers) nor on where a run was resumed. The checkpoint holds everything else that changes
+(tools/checkpoint.py).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import nn
 from tqdm import tqdm
 
 from .. import distributed
@@ -28,13 +30,16 @@ from ..models import VARIANTS, cifar_resnet_variant
 from ..syncbn import convert_sync_batchnorm
 from . import launch, logs
 from .checkpoint import save_checkpoint
-from .data import load_dataset
 from .options import check_choice, check_min, check_range
-from .sampling import BatchSampler, stable_seed
+from .sources import BatchPlan, open_source
 
 CHECKPOINT = "checkpoint.pt"
 TORCHVISION_MODELS = ("resnet18", "resnet34", "resnet50")
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
+MIN_IMAGE_SIZE = 8  # a ResNet halves the resolution three times (cifar_resnet) or five
+# torchvision models keep their ImageNet stem (7x7 stride-2 convolution, max-pool) for images
+# larger than this; smaller ones get the CIFAR stem, which keeps the input's resolution.
+CIFAR_STEM_MAX_SIZE = 64
 
 
 @dataclass
@@ -56,6 +61,9 @@ class TrainConfig:
     milestones: list[float] = field(default_factory=lambda: [0.5, 0.75])  # "step": fractions of the run
     gamma: float = 0.1
     augment: bool = False
+    image_size: int = 0  # ImageFolder data: 0 is 224 for torchvision models, 32 for cifar_resnet
+    # DataLoader worker processes for ImageFolder data (not part of the run: batches do not depend on it)
+    workers: int = field(default_factory=lambda: min(4, os.cpu_count() or 1))
     sync_bn: bool = False
     dtype: str = "float32"
     seed: int = 0
@@ -77,11 +85,19 @@ class TrainConfig:
             self, ("steps", "checkpoint_every", "stop_at", "lr", "momentum", "weight_decay", "gamma"), 0
         )
         check_range(self, "milestones", 0, 1)
+        check_min(self, ("workers",), 0)
+        if self.image_size:
+            check_min(self, ("image_size",), MIN_IMAGE_SIZE)
+
+    def default_image_size(self) -> int:
+        """--image-size when not given: torchvision's 224 for its models, 32 for cifar_resnet."""
+        return 224 if self.model in TORCHVISION_MODELS else 32
 
 
-def build_model(config: TrainConfig, num_classes: int) -> nn.Module:
+def build_model(config: TrainConfig, num_classes: int, image_size: int = 32) -> nn.Module:
     """The instrumented model: every BN layer records dy/dx statistics, every residual block's
-    output a probe. --sync-bn converts the BN layers to GradStatSyncBatchNorm2d first."""
+    output a probe. A torchvision model gets the CIFAR stem for images of at most
+    CIFAR_STEM_MAX_SIZE pixels a side. --sync-bn converts the BN layers to GradStatSyncBatchNorm2d first."""
     if config.model == "cifar_resnet":
         model = cifar_resnet_variant(
             config.variant, config.depth, num_classes=num_classes, width=config.width, preact=config.preact
@@ -95,9 +111,10 @@ def build_model(config: TrainConfig, num_classes: int) -> nn.Module:
                 f"({type(error).__name__}: {error})"
             ) from error
         model = getattr(torchvision.models, config.model)(num_classes=num_classes)
-        # The usual CIFAR stem: 32x32 inputs keep their resolution into the first stage.
-        model.conv1 = nn.Conv2d(3, model.conv1.out_channels, 3, 1, 1, bias=False)
-        model.maxpool = nn.Identity()
+        if image_size <= CIFAR_STEM_MAX_SIZE:
+            # The usual CIFAR stem: small inputs keep their resolution into the first stage.
+            model.conv1 = nn.Conv2d(3, model.conv1.out_channels, 3, 1, 1, bias=False)
+            model.maxpool = nn.Identity()
     if config.sync_bn:
         convert_sync_batchnorm(model)
     return instrument(model)
@@ -112,19 +129,6 @@ def build_schedule(optimizer: torch.optim.Optimizer, config: TrainConfig, total_
     return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones, gamma=config.gamma)
 
 
-def augment(images: Tensor, shifts: Tensor, flips: Tensor) -> Tensor:
-    """Random crop (4-pixel zero padding, offsets ``shifts`` [2, N] in 0..8) and horizontal flip
-    (``flips`` [N] bool), per image, as one gather."""
-    n, c, h, w = images.shape
-    padded = F.pad(images, (4, 4, 4, 4))
-    rows = shifts[0, :, None] + torch.arange(h, device=images.device)
-    cols = shifts[1, :, None] + torch.arange(w, device=images.device)
-    cols = torch.where(flips[:, None], cols.flip(1), cols)
-    index_n = torch.arange(n, device=images.device)[:, None, None, None]
-    index_c = torch.arange(c, device=images.device)[None, :, None, None]
-    return padded[index_n, index_c, rows[:, None, :, None], cols[:, None, None, :]]
-
-
 class Trainer:
     """One run: data, model, optimizer and schedule, the step loop, logging, evaluation and
     checkpoints. Only rank 0 writes files or prints."""
@@ -135,8 +139,6 @@ class Trainer:
         self.config, self.ctx = config, ctx
         self.log = log if ctx.is_main else (lambda *a, **k: None)
         self.device, self.dtype = ctx.device, DTYPES[config.dtype]
-        data = load_dataset(config.data, seed=config.seed)
-        self.data_description = data.describe()
         self.global_batch = config.batch_size
         if self.global_batch % ctx.world_size:
             raise ValueError(
@@ -144,18 +146,24 @@ class Trainer:
                 f"the number of processes, {ctx.world_size}"
             )
         self.local_batch = self.global_batch // ctx.world_size
-        n_train = len(data.train_labels)
-        self.steps_per_epoch = n_train // self.global_batch
-        if self.steps_per_epoch == 0:
-            raise ValueError(f"--batch-size {self.global_batch} is larger than the {n_train} training images")
+        plan = BatchPlan(self.global_batch, ctx.rank, ctx.world_size, config.seed, config.augment)
+        self.data = open_source(
+            config.data,
+            plan,
+            image_size=config.image_size or config.default_image_size(),
+            image_size_given=bool(config.image_size),
+            workers=config.workers,
+            device=self.device,
+            dtype=self.dtype,
+        )
+        self.data_description = self.data.description
+        self.steps_per_epoch = self.data.sampler.steps_per_epoch
         self.total_steps = config.steps or config.epochs * self.steps_per_epoch
-        self.train_images = data.train_images.to(self.device, self.dtype)
-        self.train_labels = data.train_labels.to(self.device)
-        self.test_images = data.test_images.to(self.device, self.dtype)
-        self.test_labels = data.test_labels.to(self.device)
 
         torch.manual_seed(config.seed)
-        self.model = build_model(config, data.num_classes).to(self.device, self.dtype)
+        self.model = build_model(config, self.data.num_classes, self.data.image_size).to(
+            self.device, self.dtype
+        )
         bns = batchnorms(self.model)
         self.n_bn = len(bns)
         self.recorders = bns + [(name.removesuffix(".grad_probe"), m) for name, m in probes(self.model)]
@@ -172,8 +180,6 @@ class Trainer:
             self._restore(resume)
         self.lr = self.optimizer.param_groups[0]["lr"]  # the rate of the last step taken
         self.net = launch.wrap_ddp(self.model, ctx)
-        self.sampler = BatchSampler(n_train, self.global_batch, config.seed, self.device)
-        self.augment_generator = torch.Generator(self.device)
 
         # Wall-clock accounting: elapsed_s adds this process's time since `started` to the
         # resumed run's; images_per_s counts from `mark` (the last record) minus `paused`
@@ -202,9 +208,10 @@ class Trainer:
         )
 
     def close(self) -> None:
-        """Closes the progress bar and the statistics log."""
+        """Closes the progress bar, the statistics log and the data source (its workers)."""
         self.bar.close()
         self.stats.close()
+        self.data.close()
 
     # -- checkpoints -------------------------------------------------------------------------------
     def _state(self) -> dict[str, Any]:
@@ -263,20 +270,8 @@ class Trainer:
         return self.elapsed_before + time.perf_counter() - self.started
 
     # -- steps -------------------------------------------------------------------------------------
-    def batch(self, step: int) -> tuple[Tensor, Tensor]:
-        """This rank's slice of step ``step``'s global batch, augmented with --augment."""
-        mine = slice(self.ctx.rank * self.local_batch, (self.ctx.rank + 1) * self.local_batch)
-        index = self.sampler.indices(step)[mine]
-        images, labels = self.train_images[index], self.train_labels[index]
-        if self.config.augment:
-            g = self.augment_generator.manual_seed(stable_seed(self.config.seed, "augment", step))
-            shifts = torch.randint(0, 9, (2, self.global_batch), generator=g, device=self.device)[:, mine]
-            flips = (torch.rand(self.global_batch, generator=g, device=self.device) < 0.5)[mine]
-            images = augment(images, shifts, flips)
-        return images, labels
-
     def train_step(self, step: int) -> None:
-        images, labels = self.batch(step)
+        images, labels = self.data.train_batch(step)
         logits = self.net(images)
         loss = F.cross_entropy(logits, labels)
         self.optimizer.zero_grad(set_to_none=True)
@@ -332,14 +327,13 @@ class Trainer:
         self.model.eval()
         sums = torch.zeros(2, dtype=torch.float64, device=self.device)
         size = self.config.eval_batch_size
-        for lo in range(0, len(self.test_labels), size):
-            logits = self.model(self.test_images[lo : lo + size])
-            labels = self.test_labels[lo : lo + size]
+        for images, labels in self.data.eval_batches(size):
+            logits = self.model(images)
             sums[0] += F.cross_entropy(logits, labels, reduction="sum")
             sums[1] += (logits.argmax(1) == labels).sum()
         self.model.train()
         loss, correct = sums.tolist()
-        n = max(len(self.test_labels), 1)
+        n = max(self.data.test_size, 1)
         result = {
             "step": self.step,
             "epoch": self.step / self.steps_per_epoch,

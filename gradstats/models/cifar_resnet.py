@@ -22,6 +22,7 @@ plain model (nn.BatchNorm2d) and the instrumented one (GradStatBatchNorm2d).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 from torch import Tensor, nn
@@ -44,7 +45,7 @@ BASE_CHANNELS = (16, 32, 64)
 def stage_channels(width: float) -> list[int]:
     """The three stages' channel counts: 16, 32 and 64 times ``width``, each rounded to the nearest
     integer (Python's round). ValueError unless every stage gets at least one channel."""
-    if isinstance(width, bool) or not isinstance(width, (int, float)) or not width > 0:
+    if isinstance(width, bool) or not isinstance(width, (int, float)) or not 0 < width < math.inf:
         raise ValueError(f"width must be a positive number, got {width!r}")
     channels = [round(base * width) for base in BASE_CHANNELS]
     if channels[0] < 1:

@@ -364,12 +364,17 @@ def config_from_args(args: argparse.Namespace) -> AnalysisConfig:
 def main(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     result = run(config)
-    print(format_report(result))
+    return publish(result, args, format_report, plot)
+
+
+def publish(result: dict, args: argparse.Namespace, report, draw) -> int:
+    """Prints ``report(result)``, writes it as JSON to --json and ``draw``s it to --plot."""
+    print(report(result))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(finite(result), f, indent=1)
         print(f"\nwrote {args.json}")
     if args.plot:
-        plot(result, args.plot)
+        draw(result, args.plot)
         print(f"wrote {args.plot}")
     return 0

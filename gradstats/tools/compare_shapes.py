@@ -14,7 +14,6 @@ the seeds it reports mean, standard deviation and range. Output: a table, JSON
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import re
 import statistics
@@ -27,9 +26,8 @@ from torch import Tensor, nn
 
 from ..models import cifar_resnet
 from ..models.cifar_resnet import stage_channels
-from .analyze import AnalysisConfig, analyze_variant, config_from_args
+from .analyze import AnalysisConfig, analyze_variant, config_from_args, publish
 from .data import ImageData, load_dataset
-from .logs import finite
 from .options import check_min
 
 # Four shapes within 0.4% of ResNet-20's 272,474 parameters (10 classes), from 9 blocks per
@@ -295,6 +293,11 @@ def run(config: AnalysisConfig, shapes: tuple[Shape, ...], seeds: int, log=print
 # -- reporting ------------------------------------------------------------------------------------
 
 
+def last_window(steps: int) -> int:
+    """Steps whose training losses average into the table's batch loss: the last tenth."""
+    return max(1, steps // 10)
+
+
 def _pm(stat: dict | None, fmt: str, scale: float = 1.0) -> str:
     if stat is None:
         return "n/a"
@@ -331,13 +334,14 @@ def format_report(result: dict) -> str:
         f"  {'shape':<9} {'depth':>5} {'channels':>10} {'params':>9} {'first/last':>15} {'max in-stage':>14}"
     )
     if config["steps"]:
-        header += f"  {'train loss':>15} {'test loss':>15} {'test accuracy':>15}"
-    lines.append(header)
-    if config["steps"]:
+        window = last_window(config["steps"])
+        header += f"  {'batch loss':>15} {'train loss':>15} {'test loss':>15} {'test accuracy':>15}"
         lines.append(
-            f"  (after {config['steps']} SGD steps, batch {config['batch_size']}, lr {config['lr']}: "
-            "loss over the whole training split and the test split, eval mode)"
+            f"  after {config['steps']} SGD steps (batch {config['batch_size']}, lr {config['lr']}): "
+            f"batch loss = mean training loss of the last {window} steps (train mode, as trained); "
+            "train/test loss and test accuracy over the whole splits in eval mode (BN running statistics)"
         )
+    lines.append(header)
     for name, r in result["shapes"].items():
         s = r["summary"]
         row = (
@@ -346,8 +350,10 @@ def format_report(result: dict) -> str:
         )
         if "train" in r:
             final = r["train"]["final"]
+            batch_loss = spread([statistics.fmean(run["train_loss"][-window:]) for run in r["seeds"]])
             row += (
-                f"  {_pm(final['train_loss'], '.3f'):>15} {_pm(final['test_loss'], '.3f'):>15} "
+                f"  {_pm(batch_loss, '.3f'):>15} {_pm(final['train_loss'], '.3f'):>15} "
+                f"{_pm(final['test_loss'], '.3f'):>15} "
                 f"{_pm(final['test_accuracy'], '.1f', 100):>14}%"
             )
         lines.append(row)
@@ -365,7 +371,7 @@ def plot(result: dict, path: str) -> None:
 
     config = result["config"]
     panels = 3 if config["steps"] else 1
-    fig, axes = plt.subplots(1, panels, figsize=(5.2 * panels, 4.5), squeeze=False)
+    fig, axes = plt.subplots(1, panels, figsize=(max(7.0, 5.2 * panels), 4.8), squeeze=False)
     ax_var = axes[0][0]
     for name, r in result["shapes"].items():
         label = f"{name} ({r['params'] / 1000:.0f}k)"
@@ -405,14 +411,14 @@ def plot(result: dict, path: str) -> None:
         ax_loss.set_xlabel("SGD step")
         ax_loss.set_title(f"training loss (mean over {window}-step windows)")
         ax_acc.set_xlabel("SGD step")
-        ax_acc.set_title("test accuracy (%)")
+        ax_acc.set_title("test accuracy (%, eval mode)")
         ax_acc.legend(fontsize=8)
     for ax in axes[0]:
         ax.grid(True, which="both", alpha=0.3)
     form = "pre-activation" if config["preact"] else "post-activation"
     fig.suptitle(
         f"{form} BN+skip CIFAR ResNets at about equal parameter count; batch {config['batch_size']}, "
-        f"{config['seeds']} seed(s), {config['data_description']}",
+        f"{config['seeds']} seed(s)\n{config['data_description']}",
         fontsize=9,
     )
     fig.tight_layout()
@@ -440,13 +446,4 @@ def options_from_args(args: argparse.Namespace) -> tuple[AnalysisConfig, tuple[S
 
 def main(args: argparse.Namespace) -> int:
     config, shapes, seeds = options_from_args(args)
-    result = run(config, shapes, seeds)
-    print(format_report(result))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(finite(result), f, indent=1)
-        print(f"\nwrote {args.json}")
-    if args.plot:
-        plot(result, args.plot)
-        print(f"wrote {args.plot}")
-    return 0
+    return publish(run(config, shapes, seeds), args, format_report, plot)

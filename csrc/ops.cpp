@@ -109,8 +109,9 @@ ScalarKind scalar_kind(at::ScalarType t) {
 
 void check_on_device(const at::Tensor& t, const char* name, const at::Tensor& input,
                      c10::DeviceType device_type) {
-  TORCH_CHECK_VALUE(t.device().type() == device_type && t.device() == input.device(), "bn_backward_stats: ",
-                    name, " must be on input's device ", input.device(), ", got ", t.device());
+  TORCH_CHECK_VALUE(t.device().type() == device_type && t.device() == input.device(),
+                    "bn_backward_stats: ", name, " must be on input's device ", input.device(), ", got ",
+                    t.device());
 }
 
 // weight / mean / invstd: [C], in input's dtype or the accumulation dtype; returned contiguous
@@ -118,11 +119,11 @@ void check_on_device(const at::Tensor& t, const char* name, const at::Tensor& in
 at::Tensor per_channel_param(const at::Tensor& t, const char* name, const at::Tensor& input,
                              at::ScalarType acc, c10::DeviceType device_type) {
   const int64_t C = input.size(1);
-  TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == C, "bn_backward_stats: ", name,
-                    " must have shape [", C, "] (one value per channel of input), got ", t.sizes());
+  TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == C, "bn_backward_stats: ", name, " must have shape [", C,
+                    "] (one value per channel of input), got ", t.sizes());
   TORCH_CHECK_TYPE(t.scalar_type() == input.scalar_type() || t.scalar_type() == acc,
-                   "bn_backward_stats: ", name, " must be ", input.scalar_type(), " (like input) or ",
-                   acc, ", got ", t.scalar_type());
+                   "bn_backward_stats: ", name, " must be ", input.scalar_type(), " (like input) or ", acc,
+                   ", got ", t.scalar_type());
   check_on_device(t, name, input, device_type);
   return t.to(acc).contiguous();
 }
@@ -140,17 +141,18 @@ std::pair<at::Tensor, bool> readable_layout(const at::Tensor& t, int64_t HW) {
 }  // namespace
 
 PreparedBnBackward prepare_bn_backward(const at::Tensor& grad_output, const at::Tensor& input,
-                                       const c10::optional<at::Tensor>& weight,
-                                       const at::Tensor& mean, const at::Tensor& invstd,
-                                       bool training, bool grad_input_mask,
+                                       const c10::optional<at::Tensor>& weight, const at::Tensor& mean,
+                                       const at::Tensor& invstd, bool training, bool grad_input_mask,
                                        c10::DeviceType device_type) {
   TORCH_CHECK_VALUE(input.dim() == 4, "bn_backward_stats: input must be a 4-D tensor (N, C, H, W), got ",
                     input.dim(), "-D with shape ", input.sizes());
-  TORCH_CHECK_VALUE(grad_output.sizes() == input.sizes(), "bn_backward_stats: grad_output must have input's shape ",
-                    input.sizes(), ", got ", grad_output.sizes());
+  TORCH_CHECK_VALUE(grad_output.sizes() == input.sizes(),
+                    "bn_backward_stats: grad_output must have input's shape ", input.sizes(), ", got ",
+                    grad_output.sizes());
   check_float_input("bn_backward_stats", input, device_type);
-  TORCH_CHECK_TYPE(grad_output.scalar_type() == input.scalar_type(), "bn_backward_stats: grad_output must have input's dtype ",
-                   input.scalar_type(), ", got ", grad_output.scalar_type());
+  TORCH_CHECK_TYPE(grad_output.scalar_type() == input.scalar_type(),
+                   "bn_backward_stats: grad_output must have input's dtype ", input.scalar_type(), ", got ",
+                   grad_output.scalar_type());
   check_on_device(grad_output, "grad_output", input, device_type);
 
   const int64_t N = input.size(0), C = input.size(1), HW = input.size(2) * input.size(3);
@@ -158,10 +160,11 @@ PreparedBnBackward prepare_bn_backward(const at::Tensor& grad_output, const at::
                     input.sizes());
   TORCH_CHECK_VALUE(N * HW >= 1, "bn_backward_stats: input has no values per channel (empty batch): shape ",
                     input.sizes());
-  TORCH_CHECK_VALUE(!training || N * HW >= 2,
-                    "bn_backward_stats: training needs more than 1 value per channel (as torch.nn.BatchNorm2d "
-                    "does), got input of shape ",
-                    input.sizes());
+  TORCH_CHECK_VALUE(
+      !training || N * HW >= 2,
+      "bn_backward_stats: training needs more than 1 value per channel (as torch.nn.BatchNorm2d "
+      "does), got input of shape ",
+      input.sizes());
 
   PreparedBnBackward p;
   const at::ScalarType acc = at::toOpMathType(input.scalar_type());
@@ -176,8 +179,8 @@ PreparedBnBackward prepare_bn_backward(const at::Tensor& grad_output, const at::
   bool channels_last;
   std::tie(p.input, channels_last) = readable_layout(input, HW);
   const bool nhwc_memory = channels_last && HW != 1;
-  p.grad_output = nhwc_memory ? grad_output.contiguous(at::MemoryFormat::ChannelsLast)
-                              : grad_output.contiguous();
+  p.grad_output =
+      nhwc_memory ? grad_output.contiguous(at::MemoryFormat::ChannelsLast) : grad_output.contiguous();
 
   const auto opts = input.options();
   p.grad_input = grad_input_mask ? at::empty_like(p.input) : at::empty({0}, opts);
@@ -205,8 +208,7 @@ PreparedBnBackward prepare_bn_backward(const at::Tensor& grad_output, const at::
   return p;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> finish_bn_backward(
-    PreparedBnBackward& p) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> finish_bn_backward(PreparedBnBackward& p) {
   return {p.grad_input, p.grad_weight.to(p.param_dtype), p.grad_bias.to(p.param_dtype), p.stats};
 }
 
@@ -248,11 +250,11 @@ void check_record_grad_stats(const at::Tensor& state, const at::Tensor& stats, d
   const int64_t G = stats.size(0), C = stats.size(2);
   TORCH_CHECK_VALUE(state.dim() == 4 && state.size(0) == 3 && state.size(1) == G &&
                         state.size(2) == kStatRows && state.size(3) == C,
-                    "record_grad_stats_: state must have shape [3, ", G, ", ", kStatRows, ", ", C, "] for stats of shape ",
-                    stats.sizes(), ", got ", state.sizes());
+                    "record_grad_stats_: state must have shape [3, ", G, ", ", kStatRows, ", ", C,
+                    "] for stats of shape ", stats.sizes(), ", got ", state.sizes());
   TORCH_CHECK_TYPE(state.scalar_type() == at::kDouble && stats.scalar_type() == at::kDouble,
-                   "record_grad_stats_: state and stats must be float64, got ", state.scalar_type(),
-                   " and ", stats.scalar_type());
+                   "record_grad_stats_: state and stats must be float64, got ", state.scalar_type(), " and ",
+                   stats.scalar_type());
   TORCH_CHECK_VALUE(state.device().type() == device_type && stats.device() == state.device(),
                     "record_grad_stats_: state and stats must be on the same ",
                     c10::DeviceTypeName(device_type, true), " device, got ", state.device(), " and ",
@@ -269,8 +271,7 @@ extern "C" {
 // `import gradstats._C` loads this library, whose static initialisers register the operators.
 PyObject* PyInit__C(void) {
   static struct PyModuleDef module_def = {
-      PyModuleDef_HEAD_INIT, "_C", "gradstats operators; use them through torch.ops.gradstats", -1,
-      nullptr};
+      PyModuleDef_HEAD_INIT, "_C", "gradstats operators; use them through torch.ops.gradstats", -1, nullptr};
   return PyModule_Create(&module_def);
 }
 }

@@ -123,8 +123,7 @@ GS_VEC_INLINE acc_type_t<scalar_t> stored_value(acc_type_t<scalar_t> v) {
 // Constants come in V as well (broadcast for NCHW, per-channel vectors for channels_last).
 // Returns dx as stored (meaningful in the passes that compute dx).
 template <Pass P, typename scalar_t, typename V>
-GS_VEC_INLINE V update(V dy, V x, V mean, V scale, V mean_dy, V k, V pivot_dy, V pivot_dx,
-                       ChunkSums<V>& s) {
+GS_VEC_INLINE V update(V dy, V x, V mean, V scale, V mean_dy, V k, V pivot_dy, V pivot_dx, ChunkSums<V>& s) {
   V dx{};
   if constexpr (P == Pass::kMoments) {
     const V d = dy - pivot_dy;
@@ -214,12 +213,11 @@ inline acc_t chunk_pivot(const Moments<double>& so_far, int64_t available, Value
 // dx of one element as update() computes and stores it (a chunk's pivot, or the re-read of a
 // chunk with non-finite values).
 template <Pass P, typename scalar_t, typename acc_t>
-inline acc_t stored_grad_input(scalar_t dy, scalar_t x, acc_t mean, acc_t scale, acc_t mean_dy,
-                              acc_t k) {
+inline acc_t stored_grad_input(scalar_t dy, scalar_t x, acc_t mean, acc_t scale, acc_t mean_dy, acc_t k) {
   ChunkSums<acc_t> unused{};
   constexpr Pass kDxPass = P == Pass::kEvalFused ? P : Pass::kGradInputTrain;
-  return update<kDxPass, scalar_t>(Io<scalar_t>::load1(&dy), Io<scalar_t>::load1(&x), mean, scale,
-                                   mean_dy, k, acc_t(0), acc_t(0), unused);
+  return update<kDxPass, scalar_t>(Io<scalar_t>::load1(&dy), Io<scalar_t>::load1(&x), mean, scale, mean_dy, k,
+                                   acc_t(0), acc_t(0), unused);
 }
 
 // Folds the totals of a chunk of n values into a partial. A NaN or an infinity anywhere in the
@@ -231,8 +229,7 @@ template <Pass P, typename Recount>
 inline void flush_chunk(Partial& out, int64_t n, double p_dy, double p_dx, const double* totals,
                         Recount&& recount) {
   const double dn = static_cast<double>(n);
-  auto fold = [&](Moments<double>& into, double& nonfinite, double pivot, double s1, double s2,
-                  bool dx) {
+  auto fold = [&](Moments<double>& into, double& nonfinite, double pivot, double s1, double s2, bool dx) {
     if (std::isfinite(s1) && std::isfinite(s2)) {
       into = merge_moments(into, moments_from_shifted_sums(dn, pivot, s1, s2));
     } else {
@@ -270,8 +267,8 @@ struct Coeffs {
 // ---------------------------------------------------------------------------------------------
 // NCHW: a task is (channel c, a range of rows n); each row is H*W contiguous values.
 template <Pass P, bool kWrite, typename scalar_t>
-void nchw_task(const BnBackwardProblem& p, const Coeffs<acc_type_t<scalar_t>>& cf, int64_t c,
-               int64_t n_begin, int64_t n_end, Partial& out) {
+void nchw_task(const BnBackwardProblem& p, const Coeffs<acc_type_t<scalar_t>>& cf, int64_t c, int64_t n_begin,
+               int64_t n_end, Partial& out) {
   // Only the passes that compute dx write it.
   constexpr bool kStore = kWrite && (P == Pass::kGradInputTrain || P == Pass::kEvalFused);
   using IO = Io<scalar_t>;
@@ -284,8 +281,7 @@ void nchw_task(const BnBackwardProblem& p, const Coeffs<acc_type_t<scalar_t>>& c
   const scalar_t* x = static_cast<const scalar_t*>(p.input) + c * HW;
   scalar_t* dx = kStore ? static_cast<scalar_t*>(p.grad_input) + c * HW : nullptr;
   const acc_t mean = cf.mean[c], scale = cf.scale[c], mean_dy = cf.mean_dy[c], k = cf.k[c];
-  const vec mean_v = vec{} + mean, scale_v = vec{} + scale, mean_dy_v = vec{} + mean_dy,
-            k_v = vec{} + k;
+  const vec mean_v = vec{} + mean, scale_v = vec{} + scale, mean_dy_v = vec{} + mean_dy, k_v = vec{} + k;
   const bool stream = kStore && stream_output<scalar_t>(p);
 
   // One iteration of the outer loop is one chunk: its sums are locals of the loop body, so they
@@ -297,9 +293,9 @@ void nchw_task(const BnBackwardProblem& p, const Coeffs<acc_type_t<scalar_t>>& c
     const int64_t samples = HW - i0;  // the rest of the first row
     // Only the pivots of the statistics this pass computes (an unused one feeds zero sums).
     constexpr bool kPivotDy = pass_uses(P, kS1Dy), kPivotDx = pass_uses(P, kS1Dx);
-    const acc_t p_dy = !kPivotDy ? acc_t(0) : chunk_pivot<acc_t>(out.dy, samples, [&](int64_t i) {
-      return IO::load1(dy + first + i);
-    });
+    const acc_t p_dy =
+        !kPivotDy ? acc_t(0)
+                  : chunk_pivot<acc_t>(out.dy, samples, [&](int64_t i) { return IO::load1(dy + first + i); });
     const acc_t p_dx = !kPivotDx ? acc_t(0) : chunk_pivot<acc_t>(out.dx, samples, [&](int64_t i) {
       return stored_grad_input<P>(dy[first + i], x[first + i], mean, scale, mean_dy, k);
     });
@@ -319,18 +315,20 @@ void nchw_task(const BnBackwardProblem& p, const Coeffs<acc_type_t<scalar_t>>& c
         // aligned address go through the scalar path.
         constexpr int64_t kAlign = sizeof(scalar_t) * L;
         const int64_t misalign = static_cast<int64_t>(reinterpret_cast<uintptr_t>(dx_r) % kAlign);
-        const int64_t head = misalign == 0 || misalign % sizeof(scalar_t) != 0
-                                 ? 0 : std::min(len, (kAlign - misalign) / static_cast<int64_t>(sizeof(scalar_t)));
+        const int64_t head =
+            misalign == 0 || misalign % sizeof(scalar_t) != 0
+                ? 0
+                : std::min(len, (kAlign - misalign) / static_cast<int64_t>(sizeof(scalar_t)));
         for (; i < head; ++i) {
-          const acc_t v = update<P, scalar_t>(IO::load1(dy_r + i), IO::load1(x_r + i), mean, scale,
-                                              mean_dy, k, p_dy, p_dx, tail);
+          const acc_t v = update<P, scalar_t>(IO::load1(dy_r + i), IO::load1(x_r + i), mean, scale, mean_dy,
+                                              k, p_dy, p_dx, tail);
           IO::store1(dx_r + i, v);
         }
       }
       const bool stream_here = stream && stream_aligned<scalar_t, L>(dx_r + i);
       for (; i + L <= len; i += L) {
-        const vec v = update<P, scalar_t>(IO::load(dy_r + i), IO::load(x_r + i), mean_v, scale_v,
-                                          mean_dy_v, k_v, p_dy_v, p_dx_v, lanes);
+        const vec v = update<P, scalar_t>(IO::load(dy_r + i), IO::load(x_r + i), mean_v, scale_v, mean_dy_v,
+                                          k_v, p_dy_v, p_dx_v, lanes);
         if constexpr (kStore) {
           if (stream_here) {
             IO::store_stream(dx_r + i, v);
@@ -340,8 +338,8 @@ void nchw_task(const BnBackwardProblem& p, const Coeffs<acc_type_t<scalar_t>>& c
         }
       }
       for (; i < len; ++i) {
-        const acc_t v = update<P, scalar_t>(IO::load1(dy_r + i), IO::load1(x_r + i), mean, scale,
-                                            mean_dy, k, p_dy, p_dx, tail);
+        const acc_t v = update<P, scalar_t>(IO::load1(dy_r + i), IO::load1(x_r + i), mean, scale, mean_dy, k,
+                                            p_dy, p_dx, tail);
         if constexpr (kStore) IO::store1(dx_r + i, v);
       }
       filled += len;
@@ -477,9 +475,8 @@ void nhwc_task(const BnBackwardProblem& p, const Coeffs<acc_type_t<scalar_t>>& c
         }
         for (int b = 0; b < K; ++b) {
           const int64_t off = r * C + j0 + b * L;
-          const vec v = update<P, scalar_t>(IO::load(dy + off), IO::load(x + off), mean_v[b],
-                                            scale_v[b], mean_dy_v[b], k_v[b], p_dy_v[b],
-                                            p_dx_v[b], s[b]);
+          const vec v = update<P, scalar_t>(IO::load(dy + off), IO::load(x + off), mean_v[b], scale_v[b],
+                                            mean_dy_v[b], k_v[b], p_dy_v[b], p_dx_v[b], s[b]);
           if constexpr (kStore) {
             if (stream_here) {
               IO::store_stream(dx + off, v);
@@ -511,8 +508,8 @@ void nhwc_task(const BnBackwardProblem& p, const Coeffs<acc_type_t<scalar_t>>& c
         }
         for (int64_t r = rb0; r < rb1; ++r) {
           const int64_t off = r * C + j;
-          const acc_t v = update<P, scalar_t>(IO::load1(dy + off), IO::load1(x + off), mean[j],
-                                              scale[j], mean_dy[j], k[j], p_dy[j], p_dx[j], s);
+          const acc_t v = update<P, scalar_t>(IO::load1(dy + off), IO::load1(x + off), mean[j], scale[j],
+                                              mean_dy[j], k[j], p_dy[j], p_dx[j], s);
           if constexpr (kStore) IO::store1(dx + off, v);
         }
         for (int q = 0; q < kNumSums; ++q) sums[q][j] = s.v[q];
@@ -539,8 +536,8 @@ void nhwc_task(const BnBackwardProblem& p, const Coeffs<acc_type_t<scalar_t>>& c
 // ---------------------------------------------------------------------------------------------
 // Task layout: depends on the shape only (never on the thread count), see the file comment.
 struct Tasks {
-  int64_t rows;            // N (NCHW) or N*H*W (channels_last)
-  int64_t parts;           // row ranges
+  int64_t rows;   // N (NCHW) or N*H*W (channels_last)
+  int64_t parts;  // row ranges
   int64_t rows_per_part;
   int64_t channel_blocks;  // NCHW: C (one channel per block); channels_last: ceil(C / block)
   int64_t count() const { return parts * channel_blocks; }
@@ -583,15 +580,13 @@ void run_pass(const BnBackwardProblem& p, const Tasks& t, const Coeffs<acc_type_
               std::vector<Partial>& partials, ParallelFor parallel_for) {
   parallel_for(t.count(), 1, [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
-      run_unit<P, kWrite, scalar_t>(p, t, cf, task / t.channel_blocks, task % t.channel_blocks,
-                                    partials);
+      run_unit<P, kWrite, scalar_t>(p, t, cf, task / t.channel_blocks, task % t.channel_blocks, partials);
     }
   });
 }
 
 // Merges the partials of channel c over all parts, in part order.
-inline Partial merge_channel(const std::vector<Partial>& partials, int64_t parts, int64_t C,
-                             int64_t c) {
+inline Partial merge_channel(const std::vector<Partial>& partials, int64_t parts, int64_t C, int64_t c) {
   Partial total;
   for (int64_t part = 0; part < parts; ++part) {
     const Partial& q = partials[part * C + c];
@@ -636,8 +631,8 @@ void bn_backward_stats_typed(const BnBackwardProblem& p, ParallelFor parallel_fo
   acc_t* grad_bias = static_cast<acc_t*>(p.grad_bias);
   // The constants of dx for channel c, in double, rounded once to acc_t (eval: sums unused).
   auto set_coeffs = [&](int64_t c, double sum_dy, double sum_dy_xmu) {
-    const GradInputCoeffs<double> g = grad_input_coeffs<double>(
-        p.train, m, sum_dy, sum_dy_xmu, mean[c], invstd[c], weight ? weight[c] : 1.0);
+    const GradInputCoeffs<double> g = grad_input_coeffs<double>(p.train, m, sum_dy, sum_dy_xmu, mean[c],
+                                                                invstd[c], weight ? weight[c] : 1.0);
     cf.scale[c] = static_cast<acc_t>(g.scale);
     cf.mean_dy[c] = static_cast<acc_t>(g.mean_dy);
     cf.k[c] = static_cast<acc_t>(g.k);

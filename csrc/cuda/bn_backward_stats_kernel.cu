@@ -109,9 +109,8 @@ struct Stats {
 
 template <typename acc_t>
 __device__ __forceinline__ Stats<acc_t> merge_stats(const Stats<acc_t>& a, const Stats<acc_t>& b) {
-  return {merge_moments(a.dy, b.dy), merge_moments(a.dx, b.dx), a.sum_dy + b.sum_dy,
-          a.sum_dy_xmu + b.sum_dy_xmu, a.nonfinite_dy + b.nonfinite_dy,
-          a.nonfinite_dx + b.nonfinite_dx};
+  return {merge_moments(a.dy, b.dy),   merge_moments(a.dx, b.dx),       a.sum_dy + b.sum_dy,
+          a.sum_dy_xmu + b.sum_dy_xmu, a.nonfinite_dy + b.nonfinite_dy, a.nonfinite_dx + b.nonfinite_dx};
 }
 
 template <typename T>
@@ -122,7 +121,8 @@ __device__ __forceinline__ Moments<T> shfl_down(const Moments<T>& m, int delta) 
 
 template <typename acc_t>
 __device__ __forceinline__ Stats<acc_t> shfl_down(const Stats<acc_t>& s, int delta) {
-  return {shfl_down(s.dy, delta), shfl_down(s.dx, delta),
+  return {shfl_down(s.dy, delta),
+          shfl_down(s.dx, delta),
           __shfl_down_sync(0xffffffffu, s.sum_dy, delta),
           __shfl_down_sync(0xffffffffu, s.sum_dy_xmu, delta),
           __shfl_down_sync(0xffffffffu, s.nonfinite_dy, delta),
@@ -196,9 +196,8 @@ __device__ __forceinline__ GradInputCoeffs<acc_t> channel_coeffs(const PassArgs&
 // accumulates into a thread's Stats; loads of kUnroll values are issued before they are used.
 template <Pass P, bool kWrite, typename scalar_t, typename acc_t, typename Walker>
 __device__ __forceinline__ void visit_values(const PassArgs& a, Walker walker, int64_t count,
-                                             const GradInputCoeffs<acc_t>& cf,
-                                             StreamMoments<acc_t>& m_dy, StreamMoments<acc_t>& m_dx,
-                                             acc_t& sum_dy, acc_t& sum_dy_xmu) {
+                                             const GradInputCoeffs<acc_t>& cf, StreamMoments<acc_t>& m_dy,
+                                             StreamMoments<acc_t>& m_dx, acc_t& sum_dy, acc_t& sum_dy_xmu) {
   using S = Storage<scalar_t>;
   const scalar_t* __restrict__ dy = static_cast<const scalar_t*>(a.grad_output);
   const scalar_t* __restrict__ x = static_cast<const scalar_t*>(a.input);
@@ -299,8 +298,8 @@ __global__ void __launch_bounds__(kThreads, 2) bn_pass_kernel(PassArgs a) {
     m_dy.fold();
     m_dx.fold();
     const Stats<acc_t> total = block_reduce(
-        Stats<acc_t>{m_dy.folded, m_dx.folded, sum_dy, sum_dy_xmu, m_dy.nonfinite, m_dx.nonfinite},
-        tx, TX, smem);
+        Stats<acc_t>{m_dy.folded, m_dx.folded, sum_dy, sum_dy_xmu, m_dy.nonfinite, m_dx.nonfinite}, tx, TX,
+        smem);
     if (ty == 0 && active) {
       Partial& out = a.partials[c * a.slices + slice];
       out.dy = {double(total.dy.n), double(total.dy.mean), double(total.dy.m2)};
@@ -337,9 +336,8 @@ struct FinishArgs {
 };
 
 __device__ __forceinline__ Partial merge_partial(const Partial& a, const Partial& b) {
-  return {merge_moments(a.dy, b.dy), merge_moments(a.dx, b.dx), a.sum_dy + b.sum_dy,
-          a.sum_dy_xmu + b.sum_dy_xmu, a.nonfinite_dy + b.nonfinite_dy,
-          a.nonfinite_dx + b.nonfinite_dx};
+  return {merge_moments(a.dy, b.dy),   merge_moments(a.dx, b.dx),       a.sum_dy + b.sum_dy,
+          a.sum_dy_xmu + b.sum_dy_xmu, a.nonfinite_dy + b.nonfinite_dy, a.nonfinite_dx + b.nonfinite_dx};
 }
 
 // What a finish kernel writes (bit flags): dy stats; grad_weight, grad_bias and the constants of
@@ -357,7 +355,8 @@ __global__ void __launch_bounds__(kThreads) finish_kernel(FinishArgs a) {
     total = merge_partial(total, a.partials[c * a.slices + s]);
   }
   for (int delta = kWarp / 2; delta > 0; delta >>= 1) {
-    Partial other{shfl_down(total.dy, delta), shfl_down(total.dx, delta),
+    Partial other{shfl_down(total.dy, delta),
+                  shfl_down(total.dx, delta),
                   __shfl_down_sync(0xffffffffu, total.sum_dy, delta),
                   __shfl_down_sync(0xffffffffu, total.sum_dy_xmu, delta),
                   __shfl_down_sync(0xffffffffu, total.nonfinite_dy, delta),
@@ -447,8 +446,7 @@ template <int kWhat, typename acc_t>
 cudaError_t launch_finish(const FinishArgs& args, cudaStream_t stream) {
   constexpr int kChannelsPerBlock = kThreads / kWarp;
   const int64_t blocks = (args.C + kChannelsPerBlock - 1) / kChannelsPerBlock;
-  finish_kernel<kWhat, acc_t>
-      <<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(args);
+  finish_kernel<kWhat, acc_t><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(args);
   return cudaGetLastError();
 }
 
@@ -460,11 +458,11 @@ cudaError_t run(const BnBackwardProblem& p, void* workspace, int num_sms, cudaSt
   Partial* partials = reinterpret_cast<Partial*>(ws);
   void* coeffs = ws + align16(sizeof(Partial) * p.C * plan.slices);
 
-  PassArgs pass{p.grad_output, p.input, p.grad_input, p.C,      p.HW,     p.N * p.HW,
-                plan.slice,    plan.slices, plan.tile, p.mean, p.invstd, p.weight,
-                coeffs,        partials};
-  FinishArgs fin{partials, p.C, plan.slices, static_cast<double>(p.N) * static_cast<double>(p.HW),
-                 p.train, p.mean, p.invstd, p.weight, coeffs, p.grad_weight, p.grad_bias, p.stats};
+  PassArgs pass{p.grad_output, p.input,   p.grad_input, p.C,      p.HW,     p.N * p.HW, plan.slice,
+                plan.slices,   plan.tile, p.mean,       p.invstd, p.weight, coeffs,     partials};
+  FinishArgs fin{partials, p.C,           plan.slices, static_cast<double>(p.N) * static_cast<double>(p.HW),
+                 p.train,  p.mean,        p.invstd,    p.weight,
+                 coeffs,   p.grad_weight, p.grad_bias, p.stats};
   cudaError_t err;
   if (p.moments_only) {
     if ((err = launch_pass<Pass::kMoments, false, scalar_t>(plan, pass, stream))) return err;
@@ -472,18 +470,17 @@ cudaError_t run(const BnBackwardProblem& p, void* workspace, int num_sms, cudaSt
   }
   if (!p.train) {
     if ((err = launch_pass<Pass::kEvalFused, kWrite, scalar_t>(plan, pass, stream))) return err;
-    return launch_finish<kDyStats | kGradsAndCoeffs | kDxStats, acc_t>(fin, stream);
+    return launch_finish < kDyStats | kGradsAndCoeffs | kDxStats, acc_t > (fin, stream);
   }
   if ((err = launch_pass<Pass::kReduceGradOutput, false, scalar_t>(plan, pass, stream))) return err;
-  if ((err = launch_finish<kDyStats | kGradsAndCoeffs, acc_t>(fin, stream))) return err;
+  if ((err = launch_finish < kDyStats | kGradsAndCoeffs, acc_t > (fin, stream))) return err;
   if ((err = launch_pass<Pass::kGradInputTrain, kWrite, scalar_t>(plan, pass, stream))) return err;
   return launch_finish<kDxStats, acc_t>(fin, stream);
 }
 
 template <typename scalar_t>
 cudaError_t run_maybe_write(const BnBackwardProblem& p, void* ws, int sms, cudaStream_t stream) {
-  return p.grad_input ? run<scalar_t, true>(p, ws, sms, stream)
-                      : run<scalar_t, false>(p, ws, sms, stream);
+  return p.grad_input ? run<scalar_t, true>(p, ws, sms, stream) : run<scalar_t, false>(p, ws, sms, stream);
 }
 
 }  // namespace

@@ -30,6 +30,7 @@
 
 #include "../bn_backward_stats.h"
 #include "../bn_stats_math.h"
+#include "emulatable.h"
 #include "launch.h"
 
 namespace gradstats {
@@ -139,8 +140,8 @@ struct Partial {
 // Reduces over the TY threads of each of the TX columns of a (TX, TY) block (TX a power of two
 // <= 32; thread id = ty * TX + tx). The result for column tx is returned to thread (tx, 0).
 // Lanes of one warp with the same tx merge through shuffles, warps through shared memory.
-template <typename acc_t>
-__device__ Stats<acc_t> block_reduce(Stats<acc_t> v, int tx, int TX, Stats<acc_t>* smem) {
+template <typename acc_t, typename SharedStats>
+__device__ Stats<acc_t> block_reduce(Stats<acc_t> v, int tx, int TX, SharedStats& smem) {
   for (int delta = kWarp / 2; delta >= TX; delta >>= 1) {
     v = merge_stats(v, shfl_down(v, delta));
   }
@@ -152,7 +153,7 @@ __device__ Stats<acc_t> block_reduce(Stats<acc_t> v, int tx, int TX, Stats<acc_t
   __syncthreads();
   if (tid < TX) {
     v = smem[tid];
-    for (int w = 1; w < warps; ++w) v = merge_stats(v, smem[w * TX + tid]);
+    for (int w = 1; w < warps; ++w) v = merge_stats(v, static_cast<Stats<acc_t>>(smem[w * TX + tid]));
   }
   __syncthreads();  // smem is reused by the caller's next channel
   return v;
@@ -268,7 +269,7 @@ struct RowWalker {
 template <Pass P, bool kWrite, bool kChannelsLast, typename scalar_t>
 __global__ void __launch_bounds__(kThreads, 2) bn_pass_kernel(PassArgs a) {
   using acc_t = typename Storage<scalar_t>::acc_t;
-  __shared__ Stats<acc_t> smem[kThreads / kWarp * kWarp];
+  GS_SHARED_ARRAY(smem, kThreads / kWarp * kWarp, Stats<acc_t>);
   const int TX = kChannelsLast ? a.tile : 1;
   const int tx = kChannelsLast ? threadIdx.x : 0;
   const int ty = kChannelsLast ? threadIdx.y : threadIdx.x;
@@ -433,11 +434,11 @@ cudaError_t launch_pass(const Plan& plan, const PassArgs& args, cudaStream_t str
   if (plan.channels_last) {
     const dim3 grid(static_cast<unsigned>(plan.tiles), static_cast<unsigned>(plan.slices));
     const dim3 block(plan.tile, plan.rows);
-    bn_pass_kernel<P, kWrite, true, scalar_t><<<grid, block, 0, stream>>>(args);
+    GS_LAUNCH(grid, block, 0, stream, bn_pass_kernel<P, kWrite, true, scalar_t>)(args);
   } else {
     const unsigned channels_y = static_cast<unsigned>(std::min<int64_t>(plan.tiles, 65535));
     const dim3 grid(static_cast<unsigned>(plan.slices), channels_y);
-    bn_pass_kernel<P, kWrite, false, scalar_t><<<grid, kThreads, 0, stream>>>(args);
+    GS_LAUNCH(grid, kThreads, 0, stream, bn_pass_kernel<P, kWrite, false, scalar_t>)(args);
   }
   return cudaGetLastError();
 }
@@ -446,7 +447,7 @@ template <int kWhat, typename acc_t>
 cudaError_t launch_finish(const FinishArgs& args, cudaStream_t stream) {
   constexpr int kChannelsPerBlock = kThreads / kWarp;
   const int64_t blocks = (args.C + kChannelsPerBlock - 1) / kChannelsPerBlock;
-  finish_kernel<kWhat, acc_t><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(args);
+  GS_LAUNCH(static_cast<unsigned>(blocks), kThreads, 0, stream, finish_kernel<kWhat, acc_t>)(args);
   return cudaGetLastError();
 }
 

@@ -37,10 +37,14 @@
 //                NaNs and infinities in dy flow into dx, grad_weight and grad_bias exactly as in
 //                PyTorch's backward.
 //
-// Precision: values accumulate in float32 (float64 for float64 storage) within chunks (CPU: at
-// most 8192 values per channel; CUDA: 256 per thread), shifted by a pivot taken from the data,
-// and are Chan-merged from there (CPU: in float64; CUDA: threads in the accumulation type,
-// blocks in float64). Statistics describe dx as returned (after rounding to its dtype).
+// Precision (both devices run the arithmetic of bn_backward_passes.h): values accumulate in
+// float32 (float64 for float64 storage) within chunks (CPU: at most 8192 values per channel; CUDA:
+// 256 per thread) as sums shifted by a pivot taken from the data, and leave the chunk in float64.
+// CPU: chunks Chan-merge in float64. CUDA: the threads of a block share one pivot per channel and
+// add their float64 sums; blocks Chan-merge in float64. A chunk whose float sums are not finite
+// (NaN/Inf values, or finite values whose squares overflow float32) is summed again in float64, so
+// every finite float32 value gives finite moments. Statistics describe dx as returned (after
+// rounding to its dtype).
 //
 // Cost: the passes over memory of PyTorch's own backward (train: read dy, x; read dy, x and write
 // dx. eval: one pass) and nothing more; statistics ride on them.

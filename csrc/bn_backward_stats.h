@@ -43,7 +43,7 @@ struct BnBackwardProblem {
 // Writes the statistics of one gradient (which = kGradOutput or kGradInput) of channel c.
 template <typename MomentsT>
 GS_HOST_DEVICE void store_stats(double* stats, int which, int64_t C, int64_t c, const MomentsT& m,
-                        double nonfinite) {
+                                double nonfinite) {
   double* base = stats + static_cast<int64_t>(which) * kStatRows * C + c;
   base[kCount * C] = static_cast<double>(m.n);
   base[kMean * C] = static_cast<double>(m.mean);

@@ -41,8 +41,7 @@ struct Moments {
 // is the exponentially weighted mean and variance in which a's data count decay times less.
 // Stable for any offset of the means, unlike sum(v^2) - sum(v)^2 / n.
 template <typename T>
-GS_HOST_DEVICE Moments<T> merge_moments(const Moments<T>& a, const Moments<T>& b,
-                                        T decay = T(1)) {
+GS_HOST_DEVICE Moments<T> merge_moments(const Moments<T>& a, const Moments<T>& b, T decay = T(1)) {
   const T na = a.n * decay;
   const T n = na + b.n;
   if (!(n > T(0))) {
@@ -82,8 +81,8 @@ struct GradInputCoeffs {
 };
 
 template <typename T>
-GS_HOST_DEVICE GradInputCoeffs<T> grad_input_coeffs(bool train, T m, T sum_dy, T sum_dy_xmu,
-                                                    T mean, T invstd, T weight) {
+GS_HOST_DEVICE GradInputCoeffs<T> grad_input_coeffs(bool train, T m, T sum_dy, T sum_dy_xmu, T mean, T invstd,
+                                                    T weight) {
   if (!train) {
     return {mean, weight * invstd, T(0), T(0)};
   }
@@ -110,8 +109,8 @@ GS_HOST_DEVICE T grad_input_eval(T dy, T scale) {
 // Moments are Chan-merged; non-finite counts add up (decayed like the weights in the EMA).
 // Handles element i in [0, G*C) of the (gradient, channel) pairs; the CPU loops over i, CUDA
 // gives each thread one i.
-GS_HOST_DEVICE void record_moments(double* state, const double* stats, long long G, long long C,
-                                   long long i, double ema_decay) {
+GS_HOST_DEVICE void record_moments(double* state, const double* stats, long long G, long long C, long long i,
+                                   double ema_decay) {
   const long long which = i / C, c = i % C;
   const long long base = which * kStatRows * C + c;
   const long long count = base + kCount * C, mean = base + kMean * C, m2 = base + kM2 * C,

@@ -12,16 +12,30 @@ import torch
 
 import gradstats
 
-CUDA = torch.cuda.is_available() and gradstats.cuda_kernels_built()
+# GRADSTATS_CUDA_EMU=1 (set by scripts/cuda_emulator.sh): the CUDA kernels run on the CPU under
+# the emulator, installed as the CPU kernels of torch.ops.gradstats for this process. The "cuda"
+# cases then run on CPU tensors through the CUDA source; cases that need a real device skip.
+CUDA_EMULATED = os.environ.get("GRADSTATS_CUDA_EMU") == "1"
+if CUDA_EMULATED:
+    import gradstats_cuda_emu
 
-_SKIP_WITHOUT_CUDA = pytest.mark.skipif(not CUDA, reason="needs a CUDA device and the CUDA build")
+    gradstats_cuda_emu.install_as_cpu_kernels()
+CUDA_DEVICE_PRESENT = torch.cuda.is_available() and gradstats.cuda_kernels_built()
+CUDA = CUDA_DEVICE_PRESENT or CUDA_EMULATED
+# The device the "cuda" cases put their tensors on.
+CUDA_DEVICE = "cpu" if CUDA_EMULATED else "cuda"
 
-DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, _SKIP_WITHOUT_CUDA])]
+_SKIP_WITHOUT_CUDA = pytest.mark.skipif(not CUDA, reason="needs a CUDA device and the CUDA build, or the emulator")
+_SKIP_WITHOUT_DEVICE = pytest.mark.skipif(not CUDA_DEVICE_PRESENT, reason="needs a CUDA device and the CUDA build")
+
+# Emulated, every CPU op call runs the CUDA kernels: the one "cuda" case is the CPU device.
+DEVICES = ([pytest.param(CUDA_DEVICE, id="cuda", marks=[pytest.mark.cuda])] if CUDA_EMULATED else
+           ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, _SKIP_WITHOUT_CUDA])])
 
 
 def needs_cuda(test):
-    """Marks a test that needs a CUDA device and gradstats' CUDA kernels (as DEVICES' "cuda")."""
-    return pytest.mark.cuda(_SKIP_WITHOUT_CUDA(test))
+    """Marks a test that needs a real CUDA device and gradstats' CUDA kernels."""
+    return pytest.mark.cuda(_SKIP_WITHOUT_DEVICE(test))
 
 FLOAT_DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 

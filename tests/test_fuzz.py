@@ -23,7 +23,7 @@ from gradstats.ops import bn_backward_stats, channel_moments
 from gradstats.reference import bn_backward_formula
 from gradstats.reference import channel_moments as reference_moments
 
-from conftest import CUDA, TOL, accumulation_dtype
+from conftest import CUDA, CUDA_DEVICE, CUDA_EMULATED, TOL, accumulation_dtype
 from test_op import check_against_reference
 
 settings.register_profile("ci", max_examples=2000, deadline=None, derandomize=True,
@@ -120,14 +120,23 @@ def _run(problem, device):
     assert torch.allclose(var.cpu(), ref_var, rtol=TOL[dtype], atol=reference_rounding)
 
 
+@pytest.mark.skipif(CUDA_EMULATED, reason="the CPU kernels are replaced by the emulated CUDA ones here")
 @given(problems())
 def test_fuzz_against_reference_cpu(problem):
     _run(problem, "cpu")
 
 
+# On a GPU: 500 examples. Emulated: the profile's 2,000, each planned for 1, 2 or 132
+# multiprocessors (1 and 2 give several blocks per channel on small shapes).
 @pytest.mark.cuda
-@pytest.mark.skipif(not CUDA, reason="needs a CUDA device and the CUDA build")
-@settings(max_examples=500)
-@given(problems())
-def test_fuzz_against_reference_cuda(problem):
-    _run(problem, "cuda")
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device and the CUDA build, or the emulator")
+@settings(max_examples=settings().max_examples if CUDA_EMULATED else 500)
+@given(problems(), st.sampled_from([1, 2, 132]))
+def test_fuzz_against_reference_cuda(problem, num_sms):
+    if CUDA_EMULATED:
+        import gradstats_cuda_emu
+
+        with gradstats_cuda_emu.num_sms(num_sms):
+            _run(problem, CUDA_DEVICE)
+    else:
+        _run(problem, CUDA_DEVICE)

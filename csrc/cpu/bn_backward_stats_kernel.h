@@ -29,8 +29,7 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
-#include "../bn_backward_stats.h"
-#include "../bn_stats_math.h"
+#include "../bn_backward_passes.h"
 
 #ifndef GS_CPU_ISA
 #error "define GS_CPU_ISA (the namespace of this instruction-set build) before including"
@@ -80,34 +79,6 @@ constexpr int64_t kPrefetchBlocks = 1;
 template <typename scalar_t>
 using acc_type_t = typename Io<scalar_t>::acc_t;
 
-enum class Pass {
-  kReduceGradOutput,  // train pass 1
-  kGradInputTrain,    // train pass 2
-  kEvalFused,         // eval: everything in one pass
-  kMoments,           // channel_moments: moments of one tensor (read as grad_output) only
-};
-
-// Sums of one chunk. V is acc_t (one value) or a vector of kLanes values.
-enum SumIndex : int {
-  kSumDy,     // sum dy                 } for grad_bias, grad_weight and dx
-  kSumDyXmu,  // sum dy * (x - mean)    }
-  kS1Dy,      // sum (dy - pivot_dy)    } for the moments of dy
-  kS2Dy,      // sum (dy - pivot_dy)^2  }
-  kS1Dx,      // sum (dx - pivot_dx)
-  kS2Dx,      // sum (dx - pivot_dx)^2
-  kNumSums,
-};
-
-constexpr bool pass_uses(Pass P, int sum) {
-  if (P == Pass::kMoments) return sum == kS1Dy || sum == kS2Dy;
-  return sum < kS1Dx ? P != Pass::kGradInputTrain : P != Pass::kReduceGradOutput;
-}
-
-template <typename V>
-struct ChunkSums {
-  V v[kNumSums];
-};
-
 // dx as stored in scalar_t (rounded), in the accumulation type: statistics describe the
 // gradient autograd receives.
 template <typename scalar_t>
@@ -119,138 +90,49 @@ GS_VEC_INLINE acc_type_t<scalar_t> stored_value(acc_type_t<scalar_t> v) {
   return Io<scalar_t>::round1(v);
 }
 
-// The per-element work of every pass, for one value (V = acc_t) or one vector of them.
-// Constants come in V as well (broadcast for NCHW, per-channel vectors for channels_last).
-// Returns dx as stored (meaningful in the passes that compute dx).
+// The per-element work of pass P (bn_backward_passes.h) for one value or one vector. Returns dx
+// as stored (in the passes that compute dx).
 template <Pass P, typename scalar_t, typename V>
-GS_VEC_INLINE V update(V dy, V x, V mean, V scale, V mean_dy, V k, V pivot_dy, V pivot_dx,
-                       ChunkSums<V>& s) {
-  V dx{};
-  if constexpr (P == Pass::kMoments) {
-    const V d = dy - pivot_dy;
-    s.v[kS1Dy] += d;
-    s.v[kS2Dy] += d * d;
+GS_VEC_INLINE V update(V dy, V x, V mean, V scale, V mean_dy, V k, V pivot_dy, V pivot_dx, ChunkSums<V>& s) {
+  accumulate_grad_output<P>(dy, x, mean, pivot_dy, s);
+  if constexpr (!computes_grad_input(P)) {
+    return V{};
+  } else {
+    const V dx = stored_value<scalar_t>(grad_input_value<P>(dy, x, mean, scale, mean_dy, k));
+    accumulate_grad_input<P>(dx, pivot_dx, s);
     return dx;
   }
-  if constexpr (P != Pass::kGradInputTrain) {
-    s.v[kSumDy] += dy;
-    s.v[kSumDyXmu] += dy * (x - mean);
-    const V d = dy - pivot_dy;
-    s.v[kS1Dy] += d;
-    s.v[kS2Dy] += d * d;
-  }
-  if constexpr (P == Pass::kEvalFused) {
-    dx = stored_value<scalar_t>(grad_input_eval(dy, scale));
-  } else if constexpr (P == Pass::kGradInputTrain) {
-    dx = stored_value<scalar_t>(grad_input_train(dy, x, mean, scale, mean_dy, k));
-  }
-  if constexpr (P != Pass::kReduceGradOutput && P != Pass::kMoments) {
-    const V e = dx - pivot_dx;
-    s.v[kS1Dx] += e;
-    s.v[kS2Dx] += e * e;
-  }
-  return dx;
 }
 
-// What one task contributes for one channel; merged across tasks in task order.
-struct Partial {
-  Moments<double> dy{0, 0, 0};  // of the finite values
-  Moments<double> dx{0, 0, 0};
-  double nonfinite_dy = 0, nonfinite_dx = 0;
-  double sum_dy = 0;
-  double sum_dy_xmu = 0;
-};
+// dx of the element at dy, x as update() stores it (a chunk's pivot, or the re-read of a chunk).
+template <Pass P, typename scalar_t, typename acc_t>
+inline acc_t grad_input_at(const scalar_t* dy, const scalar_t* x, acc_t mean, acc_t scale, acc_t mean_dy,
+                           acc_t k) {
+  constexpr Pass kDxPass = P == Pass::kEvalFused ? P : Pass::kGradInputTrain;
+  return stored_value<scalar_t>(
+      grad_input_value<kDxPass>(Io<scalar_t>::load1(dy), Io<scalar_t>::load1(x), mean, scale, mean_dy, k));
+}
 
-// The slow path of a chunk whose values are not all finite (see flush_chunk): moments of the
-// finite values, in double, and the count of the others.
-struct FiniteMoments {
-  double n = 0, pivot = 0, s1 = 0, s2 = 0, nonfinite = 0;
-  void add(double v) {
-    if (!std::isfinite(v)) {
-      nonfinite += 1;
-      return;
-    }
-    if (n == 0) pivot = v;
-    const double d = v - pivot;
-    s1 += d;
-    s2 += d * d;
-    n += 1;
-  }
-  Moments<double> moments() const { return moments_from_shifted_sums(n, pivot, s1, s2); }
-};
-
-// Pivot of a new chunk: the mean of the chunks of this (part, channel) merged so far, once there
-// are some (then it sits within a fraction of a standard deviation of the channel mean), else
-// the mean of the chunk's first few finite values, value_at(0 .. available-1): close to the
-// channel mean without a pass of its own, and one outlier among them moves it by a fraction.
-constexpr int64_t kPivotSamples = 16;
-
-// The sum of the finite values among a chunk's first kPivotSamples, and how many there are.
-struct PivotSamples {
-  double sum = 0;
-  int n = 0;
-  void add(double v) {
-    if (std::isfinite(v)) {
-      sum += v;
-      ++n;
-    }
-  }
-  template <typename acc_t>
-  acc_t pivot(const Moments<double>& so_far) const {
-    if (so_far.n > 0) return static_cast<acc_t>(so_far.mean);
-    return n > 0 ? static_cast<acc_t>(sum / n) : acc_t(0);
-  }
-};
-
+// Pivot of a new chunk (see PivotSamples): the mean of the chunks of this (part, channel) merged
+// so far, else the mean of the chunk's first few finite values, value_at(0 .. available-1).
 template <typename acc_t, typename ValueAt>
 inline acc_t chunk_pivot(const Moments<double>& so_far, int64_t available, ValueAt value_at) {
   PivotSamples samples;
   if (so_far.n == 0) {
-    for (int64_t i = 0; i < std::min(available, kPivotSamples); ++i) samples.add(value_at(i));
+    for (int64_t i = 0; i < std::min<int64_t>(available, kPivotSamples); ++i) samples.add(value_at(i));
   }
   return samples.pivot<acc_t>(so_far);
 }
 
-// dx of one element as update() computes and stores it (a chunk's pivot, or the re-read of a
-// chunk with non-finite values).
-template <Pass P, typename scalar_t, typename acc_t>
-inline acc_t stored_grad_input(scalar_t dy, scalar_t x, acc_t mean, acc_t scale, acc_t mean_dy,
-                              acc_t k) {
-  ChunkSums<acc_t> unused{};
-  constexpr Pass kDxPass = P == Pass::kEvalFused ? P : Pass::kGradInputTrain;
-  return update<kDxPass, scalar_t>(Io<scalar_t>::load1(&dy), Io<scalar_t>::load1(&x), mean, scale,
-                                   mean_dy, k, acc_t(0), acc_t(0), unused);
-}
-
-// Folds the totals of a chunk of n values into a partial. A NaN or an infinity anywhere in the
-// chunk makes its shifted sums non-finite (so does a float overflow of the squares); only then,
-// rarely, `recount(dx)` re-reads the chunk (it is still in cache) and returns the moments of its
-// finite values in double and the count of the others. The gradient sums are left as they
-// are: dbias and dweight must carry the NaN exactly as PyTorch's would.
+// Folds the totals of a chunk of n values into a partial (shared arithmetic: add_chunk, fold_run);
+// recount(dx, pivot) re-reads the chunk, which is still in cache, when its float sums are not
+// finite.
 template <Pass P, typename Recount>
 inline void flush_chunk(Partial& out, int64_t n, double p_dy, double p_dx, const double* totals,
                         Recount&& recount) {
-  const double dn = static_cast<double>(n);
-  auto fold = [&](Moments<double>& into, double& nonfinite, double pivot, double s1, double s2,
-                  bool dx) {
-    if (std::isfinite(s1) && std::isfinite(s2)) {
-      into = merge_moments(into, moments_from_shifted_sums(dn, pivot, s1, s2));
-    } else {
-      const FiniteMoments finite = recount(dx);
-      into = merge_moments(into, finite.moments());
-      nonfinite += finite.nonfinite;
-    }
-  };
-  if constexpr (P != Pass::kGradInputTrain) {
-    if constexpr (P != Pass::kMoments) {
-      out.sum_dy += totals[kSumDy];
-      out.sum_dy_xmu += totals[kSumDyXmu];
-    }
-    fold(out.dy, out.nonfinite_dy, p_dy, totals[kS1Dy], totals[kS2Dy], false);
-  }
-  if constexpr (P != Pass::kReduceGradOutput && P != Pass::kMoments) {
-    fold(out.dx, out.nonfinite_dx, p_dx, totals[kS1Dx], totals[kS2Dx], true);
-  }
+  RunSums run;
+  add_chunk<P>(run, static_cast<double>(n), p_dy, p_dx, totals, recount);
+  fold_run(out, run, p_dy, p_dx);
 }
 
 template <typename Vec, int L>
@@ -270,8 +152,8 @@ struct Coeffs {
 // ---------------------------------------------------------------------------------------------
 // NCHW: a task is (channel c, a range of rows n); each row is H*W contiguous values.
 template <Pass P, bool kWrite, typename scalar_t>
-void nchw_task(const BnBackwardProblem& p, const Coeffs<acc_type_t<scalar_t>>& cf, int64_t c,
-               int64_t n_begin, int64_t n_end, Partial& out) {
+void nchw_task(const BnBackwardProblem& p, const Coeffs<acc_type_t<scalar_t>>& cf, int64_t c, int64_t n_begin,
+               int64_t n_end, Partial& out) {
   // Only the passes that compute dx write it.
   constexpr bool kStore = kWrite && (P == Pass::kGradInputTrain || P == Pass::kEvalFused);
   using IO = Io<scalar_t>;
@@ -284,8 +166,7 @@ void nchw_task(const BnBackwardProblem& p, const Coeffs<acc_type_t<scalar_t>>& c
   const scalar_t* x = static_cast<const scalar_t*>(p.input) + c * HW;
   scalar_t* dx = kStore ? static_cast<scalar_t*>(p.grad_input) + c * HW : nullptr;
   const acc_t mean = cf.mean[c], scale = cf.scale[c], mean_dy = cf.mean_dy[c], k = cf.k[c];
-  const vec mean_v = vec{} + mean, scale_v = vec{} + scale, mean_dy_v = vec{} + mean_dy,
-            k_v = vec{} + k;
+  const vec mean_v = vec{} + mean, scale_v = vec{} + scale, mean_dy_v = vec{} + mean_dy, k_v = vec{} + k;
   const bool stream = kStore && stream_output<scalar_t>(p);
 
   // One iteration of the outer loop is one chunk: its sums are locals of the loop body, so they
@@ -297,11 +178,11 @@ void nchw_task(const BnBackwardProblem& p, const Coeffs<acc_type_t<scalar_t>>& c
     const int64_t samples = HW - i0;  // the rest of the first row
     // Only the pivots of the statistics this pass computes (an unused one feeds zero sums).
     constexpr bool kPivotDy = pass_uses(P, kS1Dy), kPivotDx = pass_uses(P, kS1Dx);
-    const acc_t p_dy = !kPivotDy ? acc_t(0) : chunk_pivot<acc_t>(out.dy, samples, [&](int64_t i) {
-      return IO::load1(dy + first + i);
-    });
+    const acc_t p_dy =
+        !kPivotDy ? acc_t(0)
+                  : chunk_pivot<acc_t>(out.dy, samples, [&](int64_t i) { return IO::load1(dy + first + i); });
     const acc_t p_dx = !kPivotDx ? acc_t(0) : chunk_pivot<acc_t>(out.dx, samples, [&](int64_t i) {
-      return stored_grad_input<P>(dy[first + i], x[first + i], mean, scale, mean_dy, k);
+      return grad_input_at<P>(dy + first + i, x + first + i, mean, scale, mean_dy, k);
     });
     const vec p_dy_v = vec{} + p_dy, p_dx_v = vec{} + p_dx;
     ChunkSums<vec> lanes{};   // the vector body
@@ -319,18 +200,20 @@ void nchw_task(const BnBackwardProblem& p, const Coeffs<acc_type_t<scalar_t>>& c
         // aligned address go through the scalar path.
         constexpr int64_t kAlign = sizeof(scalar_t) * L;
         const int64_t misalign = static_cast<int64_t>(reinterpret_cast<uintptr_t>(dx_r) % kAlign);
-        const int64_t head = misalign == 0 || misalign % sizeof(scalar_t) != 0
-                                 ? 0 : std::min(len, (kAlign - misalign) / static_cast<int64_t>(sizeof(scalar_t)));
+        const int64_t head =
+            misalign == 0 || misalign % sizeof(scalar_t) != 0
+                ? 0
+                : std::min(len, (kAlign - misalign) / static_cast<int64_t>(sizeof(scalar_t)));
         for (; i < head; ++i) {
-          const acc_t v = update<P, scalar_t>(IO::load1(dy_r + i), IO::load1(x_r + i), mean, scale,
-                                              mean_dy, k, p_dy, p_dx, tail);
+          const acc_t v = update<P, scalar_t>(IO::load1(dy_r + i), IO::load1(x_r + i), mean, scale, mean_dy,
+                                              k, p_dy, p_dx, tail);
           IO::store1(dx_r + i, v);
         }
       }
       const bool stream_here = stream && stream_aligned<scalar_t, L>(dx_r + i);
       for (; i + L <= len; i += L) {
-        const vec v = update<P, scalar_t>(IO::load(dy_r + i), IO::load(x_r + i), mean_v, scale_v,
-                                          mean_dy_v, k_v, p_dy_v, p_dx_v, lanes);
+        const vec v = update<P, scalar_t>(IO::load(dy_r + i), IO::load(x_r + i), mean_v, scale_v, mean_dy_v,
+                                          k_v, p_dy_v, p_dx_v, lanes);
         if constexpr (kStore) {
           if (stream_here) {
             IO::store_stream(dx_r + i, v);
@@ -340,8 +223,8 @@ void nchw_task(const BnBackwardProblem& p, const Coeffs<acc_type_t<scalar_t>>& c
         }
       }
       for (; i < len; ++i) {
-        const acc_t v = update<P, scalar_t>(IO::load1(dy_r + i), IO::load1(x_r + i), mean, scale,
-                                            mean_dy, k, p_dy, p_dx, tail);
+        const acc_t v = update<P, scalar_t>(IO::load1(dy_r + i), IO::load1(x_r + i), mean, scale, mean_dy, k,
+                                            p_dy, p_dx, tail);
         if constexpr (kStore) IO::store1(dx_r + i, v);
       }
       filled += len;
@@ -355,14 +238,15 @@ void nchw_task(const BnBackwardProblem& p, const Coeffs<acc_type_t<scalar_t>>& c
     for (int q = 0; q < kNumSums; ++q) {
       totals[q] = lane_total<vec, L>(lanes.v[q]) + static_cast<double>(tail.v[q]);
     }
-    auto recount = [&](bool want_dx) {
-      FiniteMoments finite;
+    auto recount = [&](bool want_dx, double pivot) {
+      ShiftedSums finite;
       int64_t rn = chunk_n, ri = chunk_i0;
       for (int64_t left = filled; left > 0;) {
         const int64_t len = std::min(HW - ri, left);
         for (int64_t at = rn * row_stride + ri, end = at + len; at < end; ++at) {
-          finite.add(want_dx ? stored_grad_input<P>(dy[at], x[at], mean, scale, mean_dy, k)
-                             : IO::load1(dy + at));
+          finite.add(
+              want_dx ? grad_input_at<P>(dy + at, x + at, mean, scale, mean_dy, k) : IO::load1(dy + at),
+              pivot);
         }
         left -= len;
         ri += len;
@@ -416,13 +300,13 @@ void nhwc_task(const BnBackwardProblem& p, const Coeffs<acc_type_t<scalar_t>>& c
     // Pivots of the passes' statistics (see chunk_pivot), sampled row by row: memory order.
     constexpr bool kPivotDy = pass_uses(P, kS1Dy), kPivotDx = pass_uses(P, kS1Dx);
     std::fill(samples.begin(), samples.end(), PivotSamples{});
-    for (int64_t i = 0; i < std::min(r1 - r0, kPivotSamples); ++i) {
+    for (int64_t i = 0; i < std::min<int64_t>(r1 - r0, kPivotSamples); ++i) {
       const int64_t row = (r0 + i) * C;
       for (int64_t j = 0; j < width; ++j) {
         if (kPivotDy) samples[j].add(IO::load1(dy + row + j));
         if (kPivotDx) {
           samples[width + j].add(
-              stored_grad_input<P>(dy[row + j], x[row + j], mean[j], scale[j], mean_dy[j], k[j]));
+              grad_input_at<P>(dy + row + j, x + row + j, mean[j], scale[j], mean_dy[j], k[j]));
         }
       }
     }
@@ -477,9 +361,8 @@ void nhwc_task(const BnBackwardProblem& p, const Coeffs<acc_type_t<scalar_t>>& c
         }
         for (int b = 0; b < K; ++b) {
           const int64_t off = r * C + j0 + b * L;
-          const vec v = update<P, scalar_t>(IO::load(dy + off), IO::load(x + off), mean_v[b],
-                                            scale_v[b], mean_dy_v[b], k_v[b], p_dy_v[b],
-                                            p_dx_v[b], s[b]);
+          const vec v = update<P, scalar_t>(IO::load(dy + off), IO::load(x + off), mean_v[b], scale_v[b],
+                                            mean_dy_v[b], k_v[b], p_dy_v[b], p_dx_v[b], s[b]);
           if constexpr (kStore) {
             if (stream_here) {
               IO::store_stream(dx + off, v);
@@ -511,8 +394,8 @@ void nhwc_task(const BnBackwardProblem& p, const Coeffs<acc_type_t<scalar_t>>& c
         }
         for (int64_t r = rb0; r < rb1; ++r) {
           const int64_t off = r * C + j;
-          const acc_t v = update<P, scalar_t>(IO::load1(dy + off), IO::load1(x + off), mean[j],
-                                              scale[j], mean_dy[j], k[j], p_dy[j], p_dx[j], s);
+          const acc_t v = update<P, scalar_t>(IO::load1(dy + off), IO::load1(x + off), mean[j], scale[j],
+                                              mean_dy[j], k[j], p_dy[j], p_dx[j], s);
           if constexpr (kStore) IO::store1(dx + off, v);
         }
         for (int q = 0; q < kNumSums; ++q) sums[q][j] = s.v[q];
@@ -521,12 +404,13 @@ void nhwc_task(const BnBackwardProblem& p, const Coeffs<acc_type_t<scalar_t>>& c
     for (int64_t j = 0; j < width; ++j) {
       double totals[kNumSums];
       for (int q = 0; q < kNumSums; ++q) totals[q] = pass_uses(P, q) ? static_cast<double>(sums[q][j]) : 0.0;
-      auto recount = [&](bool want_dx) {
-        FiniteMoments finite;
+      auto recount = [&](bool want_dx, double pivot) {
+        ShiftedSums finite;
         for (int64_t r = r0; r < r1; ++r) {
           const int64_t off = r * C + j;
-          finite.add(want_dx ? stored_grad_input<P>(dy[off], x[off], mean[j], scale[j], mean_dy[j], k[j])
-                             : IO::load1(dy + off));
+          finite.add(want_dx ? grad_input_at<P>(dy + off, x + off, mean[j], scale[j], mean_dy[j], k[j])
+                             : IO::load1(dy + off),
+                     pivot);
         }
         return finite;
       };
@@ -539,8 +423,8 @@ void nhwc_task(const BnBackwardProblem& p, const Coeffs<acc_type_t<scalar_t>>& c
 // ---------------------------------------------------------------------------------------------
 // Task layout: depends on the shape only (never on the thread count), see the file comment.
 struct Tasks {
-  int64_t rows;            // N (NCHW) or N*H*W (channels_last)
-  int64_t parts;           // row ranges
+  int64_t rows;   // N (NCHW) or N*H*W (channels_last)
+  int64_t parts;  // row ranges
   int64_t rows_per_part;
   int64_t channel_blocks;  // NCHW: C (one channel per block); channels_last: ceil(C / block)
   int64_t count() const { return parts * channel_blocks; }
@@ -583,25 +467,15 @@ void run_pass(const BnBackwardProblem& p, const Tasks& t, const Coeffs<acc_type_
               std::vector<Partial>& partials, ParallelFor parallel_for) {
   parallel_for(t.count(), 1, [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
-      run_unit<P, kWrite, scalar_t>(p, t, cf, task / t.channel_blocks, task % t.channel_blocks,
-                                    partials);
+      run_unit<P, kWrite, scalar_t>(p, t, cf, task / t.channel_blocks, task % t.channel_blocks, partials);
     }
   });
 }
 
 // Merges the partials of channel c over all parts, in part order.
-inline Partial merge_channel(const std::vector<Partial>& partials, int64_t parts, int64_t C,
-                             int64_t c) {
+inline Partial merge_channel(const std::vector<Partial>& partials, int64_t parts, int64_t C, int64_t c) {
   Partial total;
-  for (int64_t part = 0; part < parts; ++part) {
-    const Partial& q = partials[part * C + c];
-    total.dy = merge_moments(total.dy, q.dy);
-    total.dx = merge_moments(total.dx, q.dx);
-    total.nonfinite_dy += q.nonfinite_dy;
-    total.nonfinite_dx += q.nonfinite_dx;
-    total.sum_dy += q.sum_dy;
-    total.sum_dy_xmu += q.sum_dy_xmu;
-  }
+  for (int64_t part = 0; part < parts; ++part) total = merge_partials(total, partials[part * C + c]);
   return total;
 }
 
@@ -615,54 +489,40 @@ template <bool kWrite, typename scalar_t>
 void bn_backward_stats_typed(const BnBackwardProblem& p, ParallelFor parallel_for, int num_threads) {
   using acc_t = acc_type_t<scalar_t>;
   const int64_t C = p.C;
-  const acc_t* mean = static_cast<const acc_t*>(p.mean);
-  const acc_t* invstd = static_cast<const acc_t*>(p.invstd);
-  const acc_t* weight = static_cast<const acc_t*>(p.weight);
-  const double m = static_cast<double>(p.N) * static_cast<double>(p.HW);
 
   const Tasks t = make_tasks(p);
   std::vector<Partial> partials(t.parts * C);  // pass 1 fills .dy and sums, pass 2 .dx
   Coeffs<acc_t> cf(C);
   if (p.moments_only) {
     run_pass<Pass::kMoments, false, scalar_t>(p, t, cf, partials, parallel_for);
-    for (int64_t c = 0; c < C; ++c) {
-      const Partial total = merge_channel(partials, t.parts, C, c);
-      store_stats(p.stats, kGradOutput, C, c, total.dy, total.nonfinite_dy);
-    }
+    for (int64_t c = 0; c < C; ++c) finish_grad_output<acc_t>(p, merge_channel(partials, t.parts, C, c), c);
     return;
   }
-  for (int64_t c = 0; c < C; ++c) cf.mean[c] = mean[c];
-  acc_t* grad_weight = static_cast<acc_t*>(p.grad_weight);
-  acc_t* grad_bias = static_cast<acc_t*>(p.grad_bias);
-  // The constants of dx for channel c, in double, rounded once to acc_t (eval: sums unused).
-  auto set_coeffs = [&](int64_t c, double sum_dy, double sum_dy_xmu) {
-    const GradInputCoeffs<double> g = grad_input_coeffs<double>(
-        p.train, m, sum_dy, sum_dy_xmu, mean[c], invstd[c], weight ? weight[c] : 1.0);
-    cf.scale[c] = static_cast<acc_t>(g.scale);
-    cf.mean_dy[c] = static_cast<acc_t>(g.mean_dy);
-    cf.k[c] = static_cast<acc_t>(g.k);
+  // The constants of dx for channel c, in double, rounded once to acc_t (shared with CUDA).
+  auto set_coeffs = [&](int64_t c, const GradInputCoeffs<acc_t>& g) {
+    cf.mean[c] = g.mean;
+    cf.scale[c] = g.scale;
+    cf.mean_dy[c] = g.mean_dy;
+    cf.k[c] = g.k;
   };
   // After the pass that reads dy, for channel c: dy statistics, dbias, dweight (and in train
   // mode the constants of dx, which need the sums).
   auto finish_reduction = [&](const Partial& total, int64_t c) {
-    store_stats(p.stats, kGradOutput, C, c, total.dy, total.nonfinite_dy);
-    grad_bias[c] = static_cast<acc_t>(total.sum_dy);
-    grad_weight[c] = static_cast<acc_t>(total.sum_dy_xmu * static_cast<double>(invstd[c]));
-    if (p.train) set_coeffs(c, total.sum_dy, total.sum_dy_xmu);
+    const GradInputCoeffs<acc_t> g = finish_grad_output<acc_t>(p, total, c);
+    if (p.train) set_coeffs(c, g);
   };
-  auto finish_grad_input = [&](const Partial& total, int64_t c) {
-    store_stats(p.stats, kGradInput, C, c, total.dx, total.nonfinite_dx);
-  };
+  auto finish_dx = [&](const Partial& total, int64_t c) { finish_grad_input(p, total, c); };
+  // Train: pass 1 reads only the mean; pass 2 gets the rest once the sums are known.
+  for (int64_t c = 0; c < C; ++c) set_coeffs(c, channel_coeffs<acc_t>(p, c, 0.0, 0.0));
   auto merged = [&](int64_t c) { return merge_channel(partials, t.parts, C, c); };
 
   if (!p.train) {
     // Eval: dx = w * invstd * dy needs no reduction, so one pass does everything.
-    for (int64_t c = 0; c < C; ++c) set_coeffs(c, 0.0, 0.0);
     run_pass<Pass::kEvalFused, kWrite, scalar_t>(p, t, cf, partials, parallel_for);
     for (int64_t c = 0; c < C; ++c) {
       const Partial total = merged(c);
       finish_reduction(total, c);
-      finish_grad_input(total, c);
+      finish_dx(total, c);
     }
   } else if (!p.channels_last && C >= kChannelTasksPerThread * num_threads) {
     parallel_for(C, 1, [&](int64_t begin, int64_t end) {
@@ -674,14 +534,14 @@ void bn_backward_stats_typed(const BnBackwardProblem& p, ParallelFor parallel_fo
         for (int64_t part = 0; part < t.parts; ++part) {
           run_unit<Pass::kGradInputTrain, kWrite, scalar_t>(p, t, cf, part, c, partials);
         }
-        finish_grad_input(merged(c), c);
+        finish_dx(merged(c), c);
       }
     });
   } else {
     run_pass<Pass::kReduceGradOutput, kWrite, scalar_t>(p, t, cf, partials, parallel_for);
     for (int64_t c = 0; c < C; ++c) finish_reduction(merged(c), c);
     run_pass<Pass::kGradInputTrain, kWrite, scalar_t>(p, t, cf, partials, parallel_for);
-    for (int64_t c = 0; c < C; ++c) finish_grad_input(merged(c), c);
+    for (int64_t c = 0; c < C; ++c) finish_dx(merged(c), c);
   }
 }
 

@@ -18,6 +18,5 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
-#include "../bn_backward_stats.h"
-#include "../bn_stats_math.h"
+#include "../bn_backward_passes.h"
 #include "isa.h"

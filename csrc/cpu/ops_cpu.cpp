@@ -28,11 +28,10 @@ KernelChoice choose_kernel() {
   __builtin_cpu_init();
   const char* cap = std::getenv("GRADSTATS_CPU_CAPABILITY");
   const std::string want = cap ? cap : "avx512";
-  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-                    __builtin_cpu_supports("f16c");
-  const bool avx512 = avx2 && __builtin_cpu_supports("avx512f") &&
-                      __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
-                      __builtin_cpu_supports("avx512dq");
+  const bool avx2 =
+      __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+  const bool avx512 = avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
   if (avx512 && want == "avx512") {
     best = {&bn_backward_stats_avx512, "avx512"};
   } else if (avx2 && (want == "avx512" || want == "avx2")) {
@@ -76,17 +75,13 @@ at::Tensor channel_moments_cpu(const at::Tensor& input) {
   return p.stats;
 }
 
-std::string cpu_capability() {
-  return kernel().name;
-}
+std::string cpu_capability() { return kernel().name; }
 
 }  // namespace
 }  // namespace cpu
 }  // namespace gradstats
 
-TORCH_LIBRARY_FRAGMENT(gradstats, m) {
-  m.def("cpu_capability() -> str", &gradstats::cpu::cpu_capability);
-}
+TORCH_LIBRARY_FRAGMENT(gradstats, m) { m.def("cpu_capability() -> str", &gradstats::cpu::cpu_capability); }
 
 TORCH_LIBRARY_IMPL(gradstats, CPU, m) {
   m.impl("bn_backward_stats", &gradstats::cpu::bn_backward_stats_cpu);

@@ -63,8 +63,9 @@ GS_VEC_INLINE void stream_bytes(void* p, const void* src) {
 #endif
 #if defined(__x86_64__) && GS_CPU_ISA_LEVEL >= 1
   for (int i = 0; i < N; i += 32) {
-    _mm256_stream_si256(reinterpret_cast<__m256i*>(static_cast<char*>(p) + i),
-                        _mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const char*>(src) + i)));
+    _mm256_stream_si256(
+        reinterpret_cast<__m256i*>(static_cast<char*>(p) + i),
+        _mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const char*>(src) + i)));
   }
 #elif defined(__x86_64__)
   for (int i = 0; i < N; i += 16) {
@@ -125,7 +126,8 @@ GS_VEC_INLINE VecOf<float>::type widen_half(const vec16_half& h) {
 }
 GS_VEC_INLINE vec16_half narrow_half(VecOf<float>::type v) {
 #if defined(__x86_64__) && GS_CPU_ISA_LEVEL >= 2
-  return bit_cast_vec<vec16_half>(_mm512_maskz_cvtps_ph(0xFFFF, bit_cast_vec<__m512>(v), _MM_FROUND_TO_NEAREST_INT));
+  return bit_cast_vec<vec16_half>(
+      _mm512_maskz_cvtps_ph(0xFFFF, bit_cast_vec<__m512>(v), _MM_FROUND_TO_NEAREST_INT));
 #elif defined(__x86_64__) && GS_CPU_ISA_LEVEL >= 1
   __m256 floats[2];
   std::memcpy(floats, &v, sizeof(v));
@@ -183,7 +185,5 @@ struct Io<c10::BFloat16> {
   static GS_VEC_INLINE vec round(vec v) { return bit_cast_vec<vec>(narrow_bits(v) << 16); }
   static GS_VEC_INLINE float load1(const c10::BFloat16* p) { return static_cast<float>(*p); }
   static GS_VEC_INLINE void store1(c10::BFloat16* p, float v) { *p = static_cast<c10::BFloat16>(v); }
-  static GS_VEC_INLINE float round1(float v) {
-    return static_cast<float>(static_cast<c10::BFloat16>(v));
-  }
+  static GS_VEC_INLINE float round1(float v) { return static_cast<float>(static_cast<c10::BFloat16>(v)); }
 };

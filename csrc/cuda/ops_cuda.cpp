@@ -40,9 +40,9 @@ void launch(const BnBackwardProblem& problem, const at::Tensor& like, const char
   const int sms = multiprocessor_count(like.device().index());
   const size_t bytes = bn_backward_stats_workspace_bytes(problem, sms);
   const at::Tensor workspace = at::empty({static_cast<int64_t>(bytes)}, like.options().dtype(at::kByte));
-  check_cuda(launch_bn_backward_stats(problem, workspace.mutable_data_ptr(), sms,
-                                      c10::cuda::getCurrentCUDAStream()),
-             what);
+  check_cuda(
+      launch_bn_backward_stats(problem, workspace.mutable_data_ptr(), sms, c10::cuda::getCurrentCUDAStream()),
+      what);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_backward_stats_cuda(
@@ -65,11 +65,10 @@ at::Tensor channel_moments_cuda(const at::Tensor& input) {
 void record_grad_stats_cuda(const at::Tensor& state, const at::Tensor& stats, double ema_decay) {
   c10::cuda::CUDAGuard guard(state.device());
   check_record_grad_stats(state, stats, ema_decay, c10::DeviceType::CUDA);
-  check_cuda(launch_record_grad_stats(state.mutable_data_ptr<double>(),
-                                      stats.const_data_ptr<double>(), stats.size(0), stats.size(2),
-                                      ema_decay,
-                                      c10::cuda::getCurrentCUDAStream()),
-             "record_grad_stats_");
+  check_cuda(
+      launch_record_grad_stats(state.mutable_data_ptr<double>(), stats.const_data_ptr<double>(),
+                               stats.size(0), stats.size(2), ema_decay, c10::cuda::getCurrentCUDAStream()),
+      "record_grad_stats_");
 }
 
 }  // namespace

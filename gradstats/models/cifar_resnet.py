@@ -1,6 +1,7 @@
 """CIFAR-style ResNets (He et al. 2016, section 4.2) and the ablations of the gradient
 propagation analysis: depth 6n + 2, three stages of n residual blocks with 16, 32 and 64 channels
-(times ``width``), global average pooling and a linear head.
+(times ``width``, rounded to the nearest integer: width 1.4 gives 22, 45 and 90), global average
+pooling and a linear head.
 
 Forms:
   post-activation (the original): block = relu(bn2(conv2(relu(bn1(conv1 x)))) + shortcut(x))
@@ -21,6 +22,7 @@ plain model (nn.BatchNorm2d) and the instrumented one (GradStatBatchNorm2d).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 from torch import Tensor, nn
@@ -35,6 +37,20 @@ VARIANTS = {
     "plain": (False, False, False),
     "zero_init": (True, True, True),
 }
+
+
+BASE_CHANNELS = (16, 32, 64)
+
+
+def stage_channels(width: float) -> list[int]:
+    """The three stages' channel counts: 16, 32 and 64 times ``width``, each rounded to the nearest
+    integer (Python's round). ValueError unless every stage gets at least one channel."""
+    if isinstance(width, bool) or not isinstance(width, (int, float)) or not 0 < width < math.inf:
+        raise ValueError(f"width must be a positive number, got {width!r}")
+    channels = [round(base * width) for base in BASE_CHANNELS]
+    if channels[0] < 1:
+        raise ValueError(f"width {width} leaves the first stage {BASE_CHANNELS[0]} x {width} < 0.5 channels")
+    return channels
 
 
 def _conv3x3(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
@@ -100,7 +116,7 @@ class CifarResNet(nn.Module):
         self,
         depth: int = 20,
         num_classes: int = 10,
-        width: int = 1,
+        width: float = 1,
         norm_layer: NormLayer = nn.BatchNorm2d,
         in_channels: int = 3,
         *,
@@ -112,15 +128,13 @@ class CifarResNet(nn.Module):
         super().__init__()
         if depth < 8 or (depth - 2) % 6 != 0:
             raise ValueError(f"depth must be 6n + 2 with n >= 1 (20, 32, 44, 56, 110, ...), got {depth}")
-        if width < 1:
-            raise ValueError(f"width must be a positive integer, got {width}")
+        channels = stage_channels(width)
         if zero_init and not bn:
             raise ValueError("zero_init zeroes the last norm layer of each branch, so it needs bn=True")
         norm: NormLayer = norm_layer if bn else (lambda channels: nn.Identity())
         self.preact = preact
         block_type = PreActBlock if preact else BasicBlock
         blocks_per_stage = (depth - 2) // 6
-        channels = [16 * width, 32 * width, 64 * width]
 
         self.conv1 = _conv3x3(in_channels, channels[0])
         # Post-activation: stem conv-norm-relu. Pre-activation: the blocks normalise their own

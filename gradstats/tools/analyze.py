@@ -168,21 +168,30 @@ def summarize(blocks: list[dict]) -> dict:
 
 
 def _train(
-    model: nn.Module, data: ImageData, config: AnalysisConfig, sampler: BatchSampler, steps: Iterator[int]
+    model: nn.Module,
+    data: ImageData,
+    config: AnalysisConfig,
+    sampler: BatchSampler,
+    steps: Iterator[int],
+    on_step=None,
 ) -> float:
+    """``config.steps`` SGD steps; ``on_step(model, step, loss)`` after each (steps count from 1)."""
     optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=0.9, weight_decay=5e-4)
     model.train()
     loss = float("nan")
-    for images, labels in _batches(data, config, sampler, steps, config.steps):
+    batches = _batches(data, config, sampler, steps, config.steps)
+    for step, (images, labels) in enumerate(batches, start=1):
         optimizer.zero_grad(set_to_none=True)
         out = F.cross_entropy(model(images), labels)
         out.backward()
         optimizer.step()
         loss = out.item()
+        if on_step is not None:
+            on_step(model, step, loss)
     return loss
 
 
-def analyze_variant(variant: str, config: AnalysisConfig, data: ImageData) -> dict:
+def analyze_variant(variant: str, config: AnalysisConfig, data: ImageData, on_step=None) -> dict:
     torch.manual_seed(config.seed)
     model = cifar_resnet_variant(
         variant, config.depth, width=config.width, preact=config.preact, num_classes=data.num_classes
@@ -194,7 +203,7 @@ def analyze_variant(variant: str, config: AnalysisConfig, data: ImageData) -> di
     steps = itertools.count()
     result = measure(model, data, config, sampler, steps)
     if config.steps > 0:
-        loss = _train(model, data, config, sampler, steps)
+        loss = _train(model, data, config, sampler, steps, on_step)
         after = measure(model, data, config, sampler, steps)
         after["steps"] = config.steps
         after["final_loss"] = loss
@@ -342,6 +351,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", metavar="PATH", help="write the results as JSON")
     parser.add_argument("--plot", metavar="PATH", help="write a PNG of variance against block index")
+    parser.add_argument(
+        "--compare-shapes",
+        nargs="?",
+        const="default",
+        metavar="DEPTHxWIDTH,...",
+        help="compare BN+skip ResNet shapes (e.g. 56x1,32x1.4,20x2; alone: a default set at equal "
+        "parameter count): variance spread at initialisation, and with --steps training loss and "
+        "test accuracy over --seeds seeds",
+    )
+    parser.add_argument("--seeds", type=int, help="with --compare-shapes: seeds per shape (default 3)")
 
 
 def config_from_args(args: argparse.Namespace) -> AnalysisConfig:
@@ -369,12 +388,17 @@ def config_from_args(args: argparse.Namespace) -> AnalysisConfig:
 def main(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     result = run(config)
-    print(format_report(result))
+    return publish(result, args, format_report, plot)
+
+
+def publish(result: dict, args: argparse.Namespace, report, draw) -> int:
+    """Prints ``report(result)``, writes it as JSON to --json and ``draw``s it to --plot."""
+    print(report(result))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(finite(result), f, indent=1)
         print(f"\nwrote {args.json}")
     if args.plot:
-        plot(result, args.plot)
+        draw(result, args.plot)
         print(f"wrote {args.plot}")
     return 0

@@ -5,8 +5,16 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import analyze, demo, report, train
+from . import analyze, compare_shapes, demo, report, train
 from .bench import cli as bench
+
+
+def _analyze(args: argparse.Namespace) -> int:
+    """`analyze` compares network shapes when given --compare-shapes (or --seeds, which only that
+    comparison takes), and analyses BN/skip variants otherwise."""
+    if args.compare_shapes is not None or args.seeds is not None:
+        return compare_shapes.main(args)
+    return analyze.main(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -27,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
         (
             "analyze",
             analyze,
-            analyze.main,
+            _analyze,
             "gradient variance per residual block for BN/skip ablations (arXiv 1812.00342)",
         ),
         (

@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..extras import MissingExtra, require
+
 IMAGE_SIZE = 32
 _IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".ppm", ".tif", ".tiff", ".webp")
 
@@ -92,9 +94,9 @@ def _split(images: Tensor, labels: Tensor, test_fraction: float, seed: int):
 
 def _digits() -> tuple[Tensor, Tensor]:
     try:
-        from sklearn.datasets import load_digits
-    except ImportError as error:  # pragma: no cover - scikit-learn is a dependency
-        raise DataError("the built-in dataset comes with scikit-learn: pip install scikit-learn") from error
+        load_digits = require("sklearn.datasets", "the built-in dataset").load_digits
+    except MissingExtra as error:
+        raise DataError(str(error)) from error
     bunch = load_digits()
     images = torch.as_tensor(bunch.images, dtype=torch.float32).unsqueeze(1) / 16.0  # [N, 1, 8, 8]
     images = F.interpolate(images, size=(IMAGE_SIZE, IMAGE_SIZE), mode="bilinear", align_corners=False)
@@ -175,9 +177,9 @@ def _classes(folder: str) -> list[str]:
 
 def _read_images(folder: str, classes: list[str]) -> tuple[Tensor, Tensor]:
     try:
-        from PIL import Image
-    except ImportError as error:  # pragma: no cover
-        raise DataError("reading an image folder needs Pillow: pip install pillow") from error
+        Image = require("PIL.Image", "reading an image folder")
+    except MissingExtra as error:
+        raise DataError(str(error)) from error
     images, labels = [], []
     for label, name in enumerate(classes):
         directory = os.path.join(folder, name)

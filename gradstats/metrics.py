@@ -38,18 +38,26 @@ FIELDS = ("count", "mean", "var", "var_min", "var_max", "nonfinite", "dead")
 BN_GRADIENTS = ("dy", "dx")
 BLOCK_GRADIENTS = ("grad",)
 PROBE_SUFFIX = ".grad_probe"
-# Wrappers whose names are not part of the model's own layer names: DistributedDataParallel's
-# (and Lightning's) "module.", torch.compile's "_orig_mod.".
-_WRAPPER_PARTS = ("module", "_orig_mod")
+# Wrappers' names are not part of the model's layer names: DistributedDataParallel's "module."
+# (leading), torch.compile's "_orig_mod." (anywhere).
 
 
 def layer_name(name: str) -> str:
     """A recording module's name as the model defines it: wrapper components dropped, a probe
     named after its block."""
-    parts = name.removesuffix(PROBE_SUFFIX).split(".")
-    while parts and parts[0] in _WRAPPER_PARTS:
+    parts = [p for p in name.removesuffix(PROBE_SUFFIX).split(".") if p != "_orig_mod"]
+    while parts and parts[0] == "module":
         parts.pop(0)
     return ".".join(parts) or name
+
+
+def _without_common_head(names: list[str]) -> list[str]:
+    """``names`` without the leading components they all share (the attribute a LightningModule
+    or another wrapper keeps the network in), so that stages are the network's own."""
+    split = [n.split(".") for n in names]
+    while len(split) > 0 and all(len(p) > 1 for p in split) and len({p[0] for p in split}) == 1:
+        split = [p[1:] for p in split]
+    return [".".join(p) for p in split]
 
 
 def stage_of(name: str) -> str:
@@ -128,15 +136,28 @@ def _ratio(a: float, b: float) -> float:
     return a / b if b > 0 else math.nan
 
 
+def recorders(model: nn.Module):
+    """(bn layers, block probes): ``(layer name, module)`` of every GradStatBatchNorm2d and
+    GradProbe of ``model``, each in module order, named by layer_name without the components
+    all of them share."""
+    found = batchnorms(model) + probes(model)
+    names = _without_common_head([layer_name(name) for name, _ in found])
+    named = [(name, m) for name, (_, m) in zip(names, found)]
+    n_bn = len(found) - len(probes(model))
+    return named[:n_bn], named[n_bn:]
+
+
 def recorder_slots(model: nn.Module, which: str = "accumulated"):
-    """(bn_slots, block_slots): ``(layer name, [G, rows, C] slot)`` of every GradStatBatchNorm2d
-    and GradProbe of ``model``, on their device (views, no copy)."""
+    """(bn_slots, block_slots): ``(layer name, [G, rows, C] slot)`` of every recording module of
+    ``model`` (recorders), on their device (views, no copy)."""
     if which not in SLOTS:
         raise ValueError(f"which: expected one of {', '.join(SLOTS)}, got {which!r}")
     slot = SLOTS[which]
-    bn_slots = [(layer_name(name), m.grad_stats_state[slot]) for name, m in batchnorms(model)]
-    block_slots = [(layer_name(name), m.grad_stats_state[slot]) for name, m in probes(model)]
-    return bn_slots, block_slots
+    bns, blocks = recorders(model)
+    return (
+        [(name, m.grad_stats_state[slot]) for name, m in bns],
+        [(name, m.grad_stats_state[slot]) for name, m in blocks],
+    )
 
 
 def layer_summaries(model: nn.Module, which: str = "accumulated"):

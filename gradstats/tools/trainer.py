@@ -23,13 +23,18 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import distributed
+from ..alerts import AlertThresholds, check, started
 from ..convert import batchnorms, instrument, probes
+from ..extras import MissingExtra, require
+from ..metrics import layer_name, summarize_slots
 from ..models import VARIANTS, cifar_resnet_variant
+from ..nonfinite import first_nonfinite
 from ..syncbn import convert_sync_batchnorm
 from . import launch, logs
 from .checkpoint import save_checkpoint
 from .data import load_dataset
 from .options import check_min
+from .writers import TensorBoardWriter, WandbWriter, channel_log10_variances
 
 CHECKPOINT = "checkpoint.pt"
 TORCHVISION_MODELS = ("resnet18", "resnet34", "resnet50")
@@ -64,6 +69,8 @@ class TrainConfig:
     device: str = "auto"
     progress: bool = True
     tensorboard: bool = True
+    wandb: str = ""  # a Weights & Biases project: log there too
+    alert_thresholds: dict[str, float] = field(default_factory=dict)  # gradstats.alerts.AlertThresholds
     eval_batch_size: int = 500
 
     def validate(self) -> None:
@@ -83,6 +90,20 @@ class TrainConfig:
         )
         if not all(0 < m < 1 for m in self.milestones):
             raise ValueError(f"--milestones must be fractions of the run in (0, 1), got {self.milestones}")
+        self.thresholds()
+
+    def thresholds(self) -> AlertThresholds:
+        """The alert thresholds: AlertThresholds' defaults, with --alert-thresholds' values."""
+        known = AlertThresholds.__dataclass_fields__
+        unknown = [k for k in self.alert_thresholds if k not in known]
+        if unknown:
+            raise ValueError(
+                f"--alert-thresholds: unknown {', '.join(unknown)}; choose from {', '.join(known)}"
+            )
+        try:
+            return AlertThresholds(**self.alert_thresholds)
+        except ValueError as error:
+            raise ValueError(f"--alert-thresholds: {error}") from error
 
 
 def _seed(*parts) -> int:
@@ -179,8 +200,14 @@ class Trainer:
         self.window = torch.zeros(3, dtype=torch.float64, device=self.device)
         self.step = 0
         self.history: dict[str, Any] = {"eval": [], "elapsed_s": 0.0}
+        self.resumed = resume is not None
         if resume is not None:
             self._restore(resume)
+        # Alerts raised so far (each once, when it started) and the (kind, layer) pairs raised by
+        # the last record; a checkpoint keeps both.
+        self.history.setdefault("alerts", [])
+        self.history.setdefault("active_alerts", [])
+        self.thresholds = config.thresholds()
         self.net = launch.wrap_ddp(self.model, ctx)
         self.augment_generator = torch.Generator(self.device)
         self.order: Tensor | None = None
@@ -239,6 +266,24 @@ class Trainer:
             save_checkpoint(self._state(), os.path.join(self.config.out, CHECKPOINT))
             self.paused += time.perf_counter() - started
 
+    def writers(self) -> list:
+        """TensorBoard (when installed and not --no-tensorboard) and --wandb writers. A resumed
+        run purges TensorBoard events after its checkpoint's step (a crashed run may have written
+        some) and continues its Weights & Biases run."""
+        writers: list = []
+        if self.config.tensorboard:
+            try:
+                writers.append(TensorBoardWriter(self.config.out, self.step + 1 if self.resumed else None))
+            except MissingExtra as error:
+                self.log(f"note: no TensorBoard events: {error} (--no-tensorboard silences this)")
+        if self.config.wandb:
+            writer = WandbWriter(
+                self.config.out, self.config.wandb, asdict(self.config), self.history.get("wandb_id")
+            )
+            self.history["wandb_id"] = writer.run_id
+            writers.append(writer)
+        return writers
+
     def elapsed(self) -> float:
         return self.elapsed_before + time.perf_counter() - self.started
 
@@ -286,7 +331,10 @@ class Trainer:
         now = time.perf_counter()
         seconds = max(now - self.mark - self.paused, 1e-9)
         self.mark, self.paused = now, 0.0
-        layers = [logs.layer_record(name, m) for (name, _), m in zip(self.recorders, merged)]
+        names = [layer_name(name) for name, _ in self.recorders]
+        bn_slots = list(zip(names[: self.n_bn], merged[: self.n_bn]))
+        block_slots = list(zip(names[self.n_bn :], merged[self.n_bn :]))
+        bn_layers, blocks = summarize_slots(bn_slots, block_slots)
         record = {
             "step": self.step,
             "epoch": (self.step - 1) // self.steps_per_epoch,
@@ -296,10 +344,12 @@ class Trainer:
             "samples": int(samples),
             "images_per_s": samples / seconds,
             "elapsed_s": self.elapsed(),
-            "bn_layers": layers[: self.n_bn],
-            "blocks": layers[self.n_bn :],
+            "bn_layers": bn_layers,
+            "blocks": blocks,
         }
-        self.stats.write(record)
+        record["alerts"] = self.alerts(record)
+        histograms = channel_log10_variances(bn_slots, block_slots) if self.stats.writers else None
+        self.stats.write(record, histograms)
         self.bar.update(self.step - self.bar.n)
         self.bar.set_postfix(
             loss=f"{record['train_loss']:.4f}",
@@ -308,6 +358,26 @@ class Trainer:
             refresh=True,
         )
         return record
+
+    def alerts(self, record: dict[str, Any]) -> list[dict[str, Any]]:
+        """The record's health alerts (gradstats.alerts); those that start here are printed and
+        kept in the history (summary.json)."""
+        site = None
+        if any(
+            layer.get(key)
+            for layer in record["bn_layers"] + record["blocks"]
+            for key in ("dy_nonfinite", "dx_nonfinite", "grad_nonfinite")
+        ):
+            found = first_nonfinite(self.model)  # this rank's last backward
+            site = None if found is None else (layer_name(found.name), str(found))
+        alerts = check(record, self.thresholds, site)
+        active = {tuple(pair) for pair in self.history["active_alerts"]}
+        new, active = started(alerts, active)
+        self.history["active_alerts"] = sorted(list(pair) for pair in active)
+        for alert in new:
+            self.bar.write(f"alert at step {alert['step']}: {alert['message']}")
+        self.history["alerts"].extend(new)
+        return alerts
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, Any]:
@@ -342,8 +412,7 @@ class Trainer:
 
     # -- the run -----------------------------------------------------------------------------------
     def run(self) -> dict[str, Any] | None:
-        from tqdm import tqdm
-
+        tqdm = require("tqdm", "gradstats train's progress bar").tqdm
         config, main = self.config, self.ctx.is_main
         stop = min(config.stop_at or self.total_steps, self.total_steps)
         self.log(f"data: {self.data_description}")
@@ -356,10 +425,11 @@ class Trainer:
         )
         if self.step >= stop:
             self.log(
-                f"nothing to do: the run is at step {self.step} of {self.total_steps} (--stop-at {config.stop_at})"
+                f"nothing to do: the run is at step {self.step} of {self.total_steps} "
+                f"(--stop-at {config.stop_at})"
             )
             return None
-        self.stats = logs.StatsLog(config.out, config.tensorboard) if main else _NoLog()
+        self.stats = logs.StatsLog(config.out, self.writers()) if main else _NoLog()
         self.bar = tqdm(
             total=self.total_steps,
             initial=self.step,
@@ -395,7 +465,11 @@ class Trainer:
     def finish(self) -> dict[str, Any]:
         """OUT/summary.json and the plots, from the whole run's records."""
         records = logs.read_records(self.stats_path)
-        plots = logs.plot_block_variance(records, self.config.out)
+        try:
+            plots = logs.plot_block_variance(records, self.config.out)
+        except MissingExtra as error:
+            self.log(f"note: no plots: {error}")
+            plots = []
         last_eval = self.history["eval"][-1] if self.history["eval"] else {}
         elapsed = self.elapsed()
         summary = {
@@ -420,6 +494,7 @@ class Trainer:
             "block_grad_var_first": _block_var(records[0]) if records else None,
             "block_grad_var_last": _block_var(records[-1]) if records else None,
             "plots": [os.path.basename(p) for p in plots],
+            "alerts": self.history["alerts"],
         }
         path = os.path.join(self.config.out, "summary.json")
         with open(path, "w", encoding="utf-8") as f:
@@ -435,7 +510,9 @@ def _block_var(record: dict[str, Any]) -> dict[str, Any]:
 class _NoLog:
     """What ranks other than 0 log to: nothing."""
 
-    def write(self, record):
+    writers = ()
+
+    def write(self, record, histograms=None):
         pass
 
     def scalar(self, tag, value, step):

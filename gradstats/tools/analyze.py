@@ -21,6 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..convert import batchnorms, instrument, probes
+from ..extras import require
+from ..metrics import layer_summaries
 from ..models import VARIANTS, cifar_resnet_variant
 from .data import ImageData, load_dataset
 from .logs import finite
@@ -96,21 +98,22 @@ def measure(model: nn.Module, data: ImageData, config: AnalysisConfig, generator
     act_var, act_mean = [float(v) for v in act_var], [float(v) for v in act_mean]
 
     stages = _stage_of(model)
+    bn_records, block_records = layer_summaries(model)  # the per-layer summary train logs too
     blocks = []
-    for i, (name, probe) in enumerate(block_probes):
-        g = probe.accumulated_grad_stats.grad_output
-        var = g.var
+    for i, ((name, probe), record) in enumerate(zip(block_probes, block_records)):
+        var = probe.accumulated_grad_stats.grad_output.var
+        var = var[~var.isnan()]  # channels with finite values, as in the averages
         blocks.append(
             {
                 "index": i,
                 "name": name.removesuffix(".grad_probe"),
                 "stage": stages[i],
                 "stage_start": i == 0 or stages[i] != stages[i - 1],
-                "channels": probe.num_channels,
-                "grad_var": var.mean().item(),
-                "grad_mean": g.mean.mean().item(),
-                "grad_var_min": var.min().item(),
-                "grad_var_max": var.max().item(),
+                "channels": record["channels"],
+                "grad_var": record["grad_var"],
+                "grad_mean": record["grad_mean"],
+                "grad_var_min": record["grad_var_min"],
+                "grad_var_max": record["grad_var_max"],
                 "grad_var_cv": (var.std(correction=0) / var.mean()).item() if var.numel() > 1 else 0.0,
                 "act_var": act_var[i],
                 "act_mean": act_mean[i],
@@ -120,21 +123,11 @@ def measure(model: nn.Module, data: ImageData, config: AnalysisConfig, generator
         nxt = blocks[i + 1]["grad_var"] if i + 1 < len(blocks) else None
         block["ratio_to_next"] = block["grad_var"] / nxt if nxt else None
         block["transition_to_next"] = i + 1 < len(blocks) and blocks[i + 1]["stage_start"]
-    bn_layers = []
-    for name, layer in batchnorms(model):
-        s = layer.accumulated_grad_stats
-        dy_var, dx_var = s.grad_output.var.mean().item(), s.grad_input.var.mean().item()
-        bn_layers.append(
-            {
-                "name": name,
-                "channels": layer.num_features,
-                "dy_var": dy_var,
-                "dx_var": dx_var,
-                "dy_mean": s.grad_output.mean.mean().item(),
-                "dx_mean": s.grad_input.mean.mean().item(),
-                "dx_over_dy": dx_var / dy_var if dy_var > 0 else None,
-            }
-        )
+    bn_layers = [
+        {key: record[key] for key in ("name", "channels", "dy_var", "dx_var", "dy_mean", "dx_mean")}
+        | {"dx_over_dy": record["dx_over_dy"] if record["dy_var"] > 0 else None}
+        for record in bn_records
+    ]
     return {"blocks": blocks, "bn_layers": bn_layers, "summary": summarize(blocks)}
 
 
@@ -255,8 +248,7 @@ def format_report(result: dict) -> str:
 def plot(result: dict, path: str) -> None:
     """Two panels against block index: gradient variance and forward activation variance, log
     scale, one line per variant (and dashed after K steps when measured)."""
-    import matplotlib
-
+    matplotlib = require("matplotlib", "--plot")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

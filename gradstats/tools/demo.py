@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from .. import __version__
 from ..convert import batchnorms, convert_batchnorm
+from ..metrics import layer_summaries
 from ..models import cifar_resnet
 from ..ops import cpu_capability, cuda_kernels_built
 from .data import load_dataset
@@ -63,13 +64,10 @@ def run(args: argparse.Namespace) -> int:
     header = f"{'layer':<22} {'C':>4} {'count':>7} {'mean dy':>11} {'var dy':>10} {'mean dx':>11} {'var dx':>10} {'var dx/dy':>10}"
     print(header)
     print("-" * len(header))
-    for name, layer in layers:
-        stats = layer.last_grad_stats
-        dy, dx = stats.grad_output, stats.grad_input
-        var_dy, var_dx = dy.var.mean().item(), dx.var.mean().item()
-        ratio = var_dx / var_dy if var_dy > 0 else float("nan")
+    bn_records, _ = layer_summaries(model, "last")  # the per-layer summary train and analyze use
+    for r in bn_records:
         print(
-            f"{name:<22} {layer.num_features:>4} {int(dy.count.max()):>7} {dy.mean.mean().item():>11.3e} {var_dy:>10.3e} "
-            f"{dx.mean.mean().item():>11.3e} {var_dx:>10.3e} {ratio:>10.3g}"
+            f"{r['name']:<22} {r['channels']:>4} {r['count']:>7} {r['dy_mean']:>11.3e} {r['dy_var']:>10.3e} "
+            f"{r['dx_mean']:>11.3e} {r['dx_var']:>10.3e} {r['dx_over_dy']:>10.3g}"
         )
     return 0

@@ -1,5 +1,6 @@
 """Health alerts read from gradient-statistics records, with no extra pass over anything: pure
-functions over the per-layer records of gradstats.metrics (a `gradstats train` stats.jsonl
+functions (check_model aside, which may look up where NaN/Inf appeared) over the per-layer
+records of gradstats.metrics (a `gradstats train` stats.jsonl
 record, or ``layer_summaries(model)``).
 
 An alert is ``{"kind", "layer", "step", "message"}``; the kinds:
@@ -19,7 +20,12 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["AlertThresholds", "Alert", "check", "started"]
+from .metrics import layer_name
+from .nonfinite import first_nonfinite
+
+__all__ = ["AlertThresholds", "Alert", "check", "check_model", "started"]
+
+NONFINITE_KEYS = ("dy_nonfinite", "dx_nonfinite", "grad_nonfinite")
 
 Alert = dict[str, Any]
 
@@ -114,10 +120,13 @@ def check(
                     f"(limit {thresholds.block_ratio:g}x per block): {kind} towards the input",
                 )
             )
-    keys = ("dy_nonfinite", "dx_nonfinite", "grad_nonfinite")
-    counted = [layer for layer in record["bn_layers"] + blocks if any((layer.get(k) or 0) > 0 for k in keys)]
+    counted = [
+        layer
+        for layer in record["bn_layers"] + blocks
+        if any((layer.get(k) or 0) > 0 for k in NONFINITE_KEYS)
+    ]
     if counted:
-        total = sum((layer.get(k) or 0) for layer in counted for k in keys)
+        total = sum((layer.get(k) or 0) for layer in counted for k in NONFINITE_KEYS)
         if nonfinite_site is not None:
             name, where = nonfinite_site
         else:
@@ -132,6 +141,19 @@ def check(
             )
         )
     return alerts
+
+
+def check_model(
+    record: dict[str, Any], model, thresholds: AlertThresholds = AlertThresholds()
+) -> list[Alert]:
+    """check(), with the first layer that met NaN/Inf values looked up in ``model``
+    (gradstats.first_nonfinite: its last backward, read from the device) when the record counts
+    some; nothing is read otherwise."""
+    site = None
+    if any(layer.get(k) for layer in record["bn_layers"] + record["blocks"] for k in NONFINITE_KEYS):
+        found = first_nonfinite(model)
+        site = None if found is None else (layer_name(found.name), str(found))
+    return check(record, thresholds, site)
 
 
 def started(alerts: list[Alert], active: set[tuple[str, str]]) -> tuple[list[Alert], set[tuple[str, str]]]:

@@ -31,12 +31,11 @@ from typing import Any
 
 import torch
 
-from .alerts import AlertThresholds, check, started
+from .alerts import AlertThresholds, check_model, started
 from .convert import instrument
 from .distributed import gather_stats, scale_moments, world
 from .extras import require
-from .metrics import flatten, layer_name, recorders, summarize_slots
-from .nonfinite import first_nonfinite
+from .metrics import flatten, recorders, summarize_slots
 
 _pl = require("lightning.pytorch", "gradstats.lightning")
 
@@ -153,12 +152,7 @@ class GradStatsCallback(_pl.Callback):
 
     def _alerts(self, pl_module, step, bn_records, block_records, notes) -> int:
         record = {"step": step, "bn_layers": bn_records, "blocks": block_records}
-        site = None
-        keys = ("dy_nonfinite", "dx_nonfinite", "grad_nonfinite")
-        if any(layer.get(k) for layer in bn_records + block_records for k in keys):
-            found = first_nonfinite(pl_module)
-            site = None if found is None else (layer_name(found.name), str(found))
-        alerts = check(record, self.thresholds, site)
+        alerts = check_model(record, pl_module, self.thresholds)
         alerts += [{"kind": kind, "layer": "", "step": step, "message": message} for kind, message in notes]
         new, self._active = started(alerts, self._active)
         rank, _ = world()

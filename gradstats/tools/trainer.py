@@ -23,12 +23,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import distributed
-from ..alerts import AlertThresholds, check, started
+from ..alerts import AlertThresholds, check_model, started
 from ..convert import batchnorms, instrument, probes
 from ..extras import MissingExtra, require
 from ..metrics import layer_name, summarize_slots
 from ..models import VARIANTS, cifar_resnet_variant
-from ..nonfinite import first_nonfinite
 from ..syncbn import convert_sync_batchnorm
 from . import launch, logs
 from .checkpoint import save_checkpoint
@@ -362,15 +361,7 @@ class Trainer:
     def alerts(self, record: dict[str, Any]) -> list[dict[str, Any]]:
         """The record's health alerts (gradstats.alerts); those that start here are printed and
         kept in the history (summary.json)."""
-        site = None
-        if any(
-            layer.get(key)
-            for layer in record["bn_layers"] + record["blocks"]
-            for key in ("dy_nonfinite", "dx_nonfinite", "grad_nonfinite")
-        ):
-            found = first_nonfinite(self.model)  # this rank's last backward
-            site = None if found is None else (layer_name(found.name), str(found))
-        alerts = check(record, self.thresholds, site)
+        alerts = check_model(record, self.model, self.thresholds)  # this rank's last backward
         active = {tuple(pair) for pair in self.history["active_alerts"]}
         new, active = started(alerts, active)
         self.history["active_alerts"] = sorted(list(pair) for pair in active)

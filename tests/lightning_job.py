@@ -69,13 +69,26 @@ def main(argv=None) -> GradStatsCallback:
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--every", type=int, default=2)
     parser.add_argument("--compile", action="store_true")
+    parser.add_argument(
+        "--loss-scale",
+        type=float,
+        default=0.0,
+        help="16-bit mixed precision; > 0: with a GradScaler of this scale",
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     model = Classifier()
     if args.compile:
         model.net = torch.compile(model.net, backend="aot_eager", fullgraph=True)
     callback = GradStatsCallback()
+    precision = {}
+    if args.loss_scale > 0:
+        scaler = torch.amp.GradScaler("cpu", init_scale=args.loss_scale, growth_interval=1000)
+        precision["plugins"] = [pl.plugins.MixedPrecision("16-mixed", "cpu", scaler=scaler)]
+    elif args.loss_scale < 0:
+        precision["precision"] = "16-mixed"  # on CPU: autocast to float16, no GradScaler
     trainer = pl.Trainer(
+        **precision,
         max_steps=args.steps,
         accelerator="cpu",
         devices=args.devices,

@@ -83,6 +83,18 @@ def test_csv_holds_each_intervals_statistics(tmp_path, compiled):
     assert callback.alerts == []
 
 
+def test_loss_units_under_16_bit_mixed_precision_with_a_grad_scaler(tmp_path):
+    """Lightning's MixedPrecision plugin with a GradScaler (scale 1024: the recorded gradients
+    are 1024 times the loss's): the logged variances are those of the float32 run, up to float16
+    rounding (a forgotten unscale would be off by 1024^2)."""
+    lightning_job.main([str(tmp_path), "--steps", "4", "--every", "2", "--loss-scale", "1024"])
+    rows = _csv_rows(tmp_path)
+    expected = _plain_loop_metrics(4, 2)
+    for step in (2, 4):
+        variances = {k: v for k, v in expected[step].items() if k.endswith(("_var", "dx_over_dy"))}
+        _assert_same(rows[step], variances, rel=5e-2)
+
+
 def test_ddp_two_processes_log_the_merged_statistics(tmp_path):
     """Lightning's ddp strategy, 2 CPU processes on gloo: the CSV holds the Chan merge of both
     ranks' statistics (saved by the job just before the callback merged them), in units of the

@@ -76,7 +76,7 @@ class GradStatsCallback(_pl.Callback):
         self.alerts: list[dict[str, Any]] = []  # each alert once, when it started
         self._active: set[tuple[str, str]] = set()
         self._last_step = 0
-        self._scales: torch.Tensor | None = None  # [min, max] loss scale over the interval
+        self._scales: torch.Tensor | None = None  # [first, last, min, max] loss scale of the interval
 
     # -- set-up ------------------------------------------------------------------------------------
     def setup(self, trainer, pl_module, stage: str) -> None:
@@ -97,13 +97,13 @@ class GradStatsCallback(_pl.Callback):
             return
         # The scale this backward used, as a device tensor (get_scale() would read it on the host).
         scale = scaler._scale.detach().reshape(1).to(torch.float64)
-        self._scales = (
-            torch.cat([scale, scale])
-            if self._scales is None
-            else torch.stack(
-                [torch.minimum(self._scales[0], scale[0]), torch.maximum(self._scales[1], scale[0])]
+        if self._scales is None:
+            self._scales = scale.repeat(4)
+        else:
+            first, _, low, high = self._scales.unbind()
+            self._scales = torch.stack(
+                [first, scale[0], torch.minimum(low, scale[0]), torch.maximum(high, scale[0])]
             )
-        )
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
@@ -130,12 +130,13 @@ class GradStatsCallback(_pl.Callback):
         notes = []
         if extra.numel():
             _, world_size = world()
-            low, high = (extra / world_size).tolist()  # every rank's scale is the same under DDP
+            # Every rank's scaler holds the same scale under DDP (it sees the all-reduced gradients).
+            first, last, low, high = (extra / world_size).tolist()
             for moments in merged:
-                scale_moments(moments, 1.0 / high)
+                scale_moments(moments, 1.0 / last)
             if low != high:
                 notes.append(
-                    ("loss_scale", f"the loss scale changed from {low:g} to {high:g} in this interval")
+                    ("loss_scale", f"the loss scale changed from {first:g} to {last:g} in this interval")
                 )
         bn_records, block_records = summarize_slots(
             [(name, m) for (name, _), m in zip(bns, merged[: len(bns)])],

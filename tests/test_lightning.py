@@ -188,3 +188,23 @@ def test_convert_false_needs_a_converted_model():
     with pytest.raises(ValueError, match="no gradstats recording modules"):
         GradStatsCallback(convert=False).setup(None, cifar_resnet(8), "fit")
     GradStatsCallback(convert=False).setup(None, gradstats.convert_batchnorm(cifar_resnet(8)), "fit")
+
+
+def test_a_loss_scale_change_within_an_interval_is_an_alert():
+    """Two backwards at scales 512 and 1024 before one record: reported in the last scale's
+    units, with a loss_scale alert saying the interval mixed them."""
+    torch.manual_seed(5)
+    net = cifar_resnet(8)
+    callback = GradStatsCallback()
+    scaler = torch.amp.GradScaler("cpu", init_scale=512.0)
+    trainer = _FakeTrainer(scaler)
+    callback.setup(trainer, net, "fit")
+    images = torch.randn(6, 3, 8, 8)
+    for _ in range(2):
+        scaler.scale(F.cross_entropy(net(images), torch.arange(6))).backward()
+        callback.on_after_backward(trainer, net)
+        scaler.update(new_scale=1024.0)
+    trainer.global_step = 1
+    callback.on_train_batch_end(trainer, net, None, None, 0)
+    (alert,) = [a for a in callback.alerts if a["kind"] == "loss_scale"]
+    assert "from 512 to 1024" in alert["message"]

@@ -86,7 +86,10 @@ class GradStatsCallback(_pl.Callback):
             instrument(pl_module, probes=self.probes)
         if not any(recorders(pl_module)):
             raise ValueError(
-                "GradStatsCallback(convert=False): the LightningModule has no gradstats recording "
+                "GradStatsCallback: the LightningModule has no nn.BatchNorm2d layer or residual block "
+                "that gradstats records"
+                if self.convert
+                else "GradStatsCallback(convert=False): the LightningModule has no gradstats recording "
                 "modules; convert it (gradstats.instrument or convert_batchnorm) or pass convert=True"
             )
 

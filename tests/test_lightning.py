@@ -208,3 +208,18 @@ def test_a_loss_scale_change_within_an_interval_is_an_alert():
     callback.on_train_batch_end(trainer, net, None, None, 0)
     (alert,) = [a for a in callback.alerts if a["kind"] == "loss_scale"]
     assert "from 512 to 1024" in alert["message"]
+
+
+def test_convert_needs_something_to_record():
+    with pytest.raises(ValueError, match="no nn.BatchNorm2d layer or residual block"):
+        GradStatsCallback().setup(None, torch.nn.Sequential(torch.nn.Linear(2, 2)), "fit")
+
+
+def test_without_lightning_the_import_names_the_extra(monkeypatch):
+    import importlib
+
+    monkeypatch.setitem(sys.modules, "lightning", None)
+    monkeypatch.setitem(sys.modules, "lightning.pytorch", None)
+    monkeypatch.delitem(sys.modules, "gradstats.lightning")
+    with pytest.raises(ImportError, match=r"pip install 'gradstats\[lightning\]'"):
+        importlib.import_module("gradstats.lightning")

@@ -17,11 +17,11 @@ pip install --quiet --upgrade pip setuptools wheel ninja
 # gradstats compiles against the torch in this environment; install one if there is none.
 python -c "import torch" 2>/dev/null || pip install --quiet "torch>=2.6"
 pip install --quiet numpy
-extras=""
+extras="[tools]"   # the demo's data and plots
 if [ "$what" = test ]; then
-  extras="[test]"
-  # torchvision is optional (the `data` extra: instrument() also probes its ResNets, `train`
-  # streams ImageFolder data with it); only the release built for
+  extras="[test]"    # the tools, TensorBoard, Weights & Biases, Lightning, pytest, ruff
+  # torchvision (the `data` extra: instrument() also probes its ResNets, `train` streams
+  # ImageFolder data with it): only the release built for
   # this torch works beside it (torch 2.X.Y <-> torchvision 0.(X+15).Y), so ask for that one
   # and never let it replace torch. If it is not available, its tests skip.
   if ! python -c "import torchvision" 2>/dev/null; then

@@ -9,6 +9,7 @@ Public API:
     instrument            convert_batchnorm + probes at the outputs of residual blocks
     probes, batchnorms    the recording modules of a model, in order
     first_nonfinite       where NaN/Inf gradients first appeared in the last backward
+    metrics               every recording module's statistics as {name: float}, for any logger
     plain_state_dict      a state_dict without gradstats buffers, for plain nn.BatchNorm2d models
     GradStats, ChannelStats  the records: per-channel count, mean and variance
     bn_backward_stats     the fused operator (torch.ops.gradstats.bn_backward_stats)
@@ -16,6 +17,7 @@ Public API:
 
 from . import nn  # noqa: F401, I001  (transitional, see nn.py; not public API)
 from .convert import batchnorms, convert_batchnorm, instrument, plain_state_dict, probes
+from .records import metrics
 from .modules import GradProbe, GradStatBatchNorm2d
 from .nonfinite import first_nonfinite
 from .ops import bn_backward_stats, channel_moments, cpu_capability, cuda_kernels_built
@@ -37,6 +39,7 @@ __all__ = [
     "cuda_kernels_built",
     "first_nonfinite",
     "instrument",
+    "metrics",
     "plain_state_dict",
     "probes",
 ]

@@ -14,9 +14,10 @@ from torch import nn
 
 from gradstats import convert_batchnorm, instrument
 from gradstats.models import cifar_resnet_variant
+from gradstats.records import summarize_slots
 from gradstats.stats import ROW_COUNT, ROW_NONFINITE, ChannelStats
-from gradstats.summary import SUMMARY_KEYS, summarize_channels, summary_values
-from gradstats.tools import analyze, demo, logs
+from gradstats.summary import FIELDS, summarize_channels, summary_values
+from gradstats.tools import analyze, demo
 from gradstats.tools.data import load_dataset
 from gradstats.tools.sampling import BatchSampler
 
@@ -49,11 +50,12 @@ def _expected(moments: torch.Tensor) -> dict[str, float]:
         "var_min": min(var) if var else nan,
         "var_max": max(var) if var else nan,
         "nonfinite": sum(nonfinite),
+        "dead": sum(1 for v in var if v == 0),
     }
 
 
 def _assert_matches(got: dict, expected: dict) -> None:
-    for key in SUMMARY_KEYS:
+    for key in FIELDS:
         if math.isnan(expected[key]):
             assert math.isnan(got[key]), (key, got[key])
         else:
@@ -75,15 +77,16 @@ def test_summary_of_stacked_statistics_is_per_row():
     parts = [_random_moments(g, 5, dead) for dead in ([], [1], [0, 1, 2, 3, 4])]
     stacked = ChannelStats.from_moments(torch.stack(parts, dim=1))  # fields [3, C]
     summary = summarize_channels(stacked)
-    assert all(summary[key].shape == (3,) for key in SUMMARY_KEYS)
+    assert all(summary[key].shape == (3,) for key in FIELDS)
     for i, part in enumerate(parts):
         _assert_matches(summary_values({k: v[i] for k, v in summary.items()}), _expected(part))
 
 
 def test_log_record_leaves_a_dead_channel_out():
+    # The per-layer record stats.jsonl holds (gradstats train) comes from records.summarize_slots.
     g = torch.Generator().manual_seed(2)
     merged = torch.stack([_random_moments(g, 4, [1]), _random_moments(g, 4, [])])  # [2, 4, C]
-    record = logs.layer_record("bn", merged)
+    (record,), _ = summarize_slots([("bn", merged)], [])
     expected = _expected(merged[0])
     assert math.isfinite(record["dy_var"]) and record["dy_var"] == pytest.approx(expected["var"])
     assert record["dy_mean"] == pytest.approx(expected["mean"])

@@ -23,8 +23,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..convert import batchnorms, instrument, probes
+from ..extras import require
+from ..records import layer_summaries
 from ..models import VARIANTS, cifar_resnet_variant
-from ..summary import summarize_channels, summary_values
+from ..summary import summarize_channels
 from .data import ImageData, load_dataset
 from .logs import finite
 from .options import check_choice, check_min, resolve_device
@@ -95,22 +97,21 @@ def measure(
     act_mean, act_var = zip(*act.tolist()) if block_probes else ((), ())
 
     stages = _stage_of(model)
+    bn_records, block_records = layer_summaries(model)  # the per-layer summary train logs too
     blocks = []
-    for i, (name, probe) in enumerate(block_probes):
-        g = probe.accumulated_grad_stats.grad_output
-        summary = summary_values(summarize_channels(g))
+    for i, ((name, probe), record) in enumerate(zip(block_probes, block_records)):
         blocks.append(
             {
                 "index": i,
                 "name": name.removesuffix(".grad_probe"),
                 "stage": stages[i],
                 "stage_start": i == 0 or stages[i] != stages[i - 1],
-                "channels": probe.num_channels,
-                "grad_var": summary["var"],
-                "grad_mean": summary["mean"],
-                "grad_var_min": summary["var_min"],
-                "grad_var_max": summary["var_max"],
-                "grad_var_cv": _spread(g.var),
+                "channels": record["channels"],
+                "grad_var": record["grad_var"],
+                "grad_mean": record["grad_mean"],
+                "grad_var_min": record["grad_var_min"],
+                "grad_var_max": record["grad_var_max"],
+                "grad_var_cv": _spread(probe.accumulated_grad_stats.grad_output.var),
                 "act_var": act_var[i],
                 "act_mean": act_mean[i],
             }
@@ -119,25 +120,11 @@ def measure(
         nxt = blocks[i + 1]["grad_var"] if i + 1 < len(blocks) else None
         block["ratio_to_next"] = block["grad_var"] / nxt if nxt else None
         block["transition_to_next"] = i + 1 < len(blocks) and blocks[i + 1]["stage_start"]
-    bn_layers = []
-    for name, layer in batchnorms(model):
-        s = layer.accumulated_grad_stats
-        dy, dx = (
-            summary_values(summarize_channels(s.grad_output)),
-            summary_values(summarize_channels(s.grad_input)),
-        )
-        dy_var, dx_var = dy["var"], dx["var"]
-        bn_layers.append(
-            {
-                "name": name,
-                "channels": layer.num_features,
-                "dy_var": dy_var,
-                "dx_var": dx_var,
-                "dy_mean": dy["mean"],
-                "dx_mean": dx["mean"],
-                "dx_over_dy": dx_var / dy_var if dy_var > 0 else None,
-            }
-        )
+    bn_layers = [
+        {key: record[key] for key in ("name", "channels", "dy_var", "dx_var", "dy_mean", "dx_mean")}
+        | {"dx_over_dy": record["dx_over_dy"] if record["dy_var"] > 0 else None}
+        for record in bn_records
+    ]
     return {"blocks": blocks, "bn_layers": bn_layers, "summary": summarize(blocks)}
 
 
@@ -280,8 +267,7 @@ def format_report(result: dict) -> str:
 def plot(result: dict, path: str) -> None:
     """Two panels against block index: gradient variance and forward activation variance, log
     scale, one line per variant (and dashed after K steps when measured)."""
-    import matplotlib
-
+    matplotlib = require("matplotlib", "--plot")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

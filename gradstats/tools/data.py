@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..extras import MissingExtra, require
 from .safe_pickle import UnsafePickleError, load_restricted_pickle
 
 IMAGE_SIZE = 32
@@ -129,9 +130,9 @@ def split_indices(samples: int, test_fraction: float, seed: int) -> tuple[Tensor
 
 def _digits() -> tuple[Tensor, Tensor]:
     try:
-        from sklearn.datasets import load_digits
-    except ImportError as error:  # pragma: no cover - scikit-learn is a dependency
-        raise DataError("the built-in dataset comes with scikit-learn: pip install scikit-learn") from error
+        load_digits = require("sklearn.datasets", "the built-in dataset").load_digits
+    except MissingExtra as error:
+        raise DataError(str(error)) from error
     bunch = load_digits()
     images = torch.as_tensor(bunch.images, dtype=torch.float32).unsqueeze(1) / 16.0  # [N, 1, 8, 8]
     images = F.interpolate(images, size=(IMAGE_SIZE, IMAGE_SIZE), mode="bilinear", align_corners=False)
@@ -268,10 +269,9 @@ def is_image_file(path: str) -> bool:
 
 def _pillow():
     try:
-        from PIL import Image
-    except ImportError as error:  # pragma: no cover - Pillow is a dependency
-        raise DataError("reading an image folder needs Pillow: pip install gradstats[data]") from error
-    return Image
+        return require("PIL.Image", "reading an image folder")
+    except MissingExtra as error:
+        raise DataError(str(error)) from error
 
 
 def read_image(path: str):

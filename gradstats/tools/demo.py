@@ -11,9 +11,9 @@ import torch.nn.functional as F
 
 from .. import __version__
 from ..convert import batchnorms, convert_batchnorm
+from ..records import layer_summaries
 from ..models import cifar_resnet
 from ..ops import cpu_capability, cuda_kernels_built
-from ..summary import summarize_channels, summary_values
 from .data import load_dataset
 from .options import check_min, resolve_device
 from .sampling import BatchSampler
@@ -69,13 +69,10 @@ def run(args: argparse.Namespace) -> int:
     )
     print(header)
     print("-" * len(header))
-    for name, layer in layers:
-        stats = layer.last_grad_stats
-        dy = summary_values(summarize_channels(stats.grad_output))
-        dx = summary_values(summarize_channels(stats.grad_input))
-        ratio = dx["var"] / dy["var"] if dy["var"] > 0 else float("nan")
+    bn_records, _ = layer_summaries(model, "last")  # the per-layer summary train and analyze use
+    for r in bn_records:
         print(
-            f"{name:<22} {layer.num_features:>4} {dy['count']:>7} {dy['mean']:>11.3e} {dy['var']:>10.3e} "
-            f"{dx['mean']:>11.3e} {dx['var']:>10.3e} {ratio:>10.3g}"
+            f"{r['name']:<22} {r['channels']:>4} {r['count']:>7} {r['dy_mean']:>11.3e} {r['dy_var']:>10.3e} "
+            f"{r['dx_mean']:>11.3e} {r['dx_var']:>10.3e} {r['dx_over_dy']:>10.3g}"
         )
     return 0

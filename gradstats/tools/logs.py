@@ -1,18 +1,18 @@
-"""What `gradstats train` writes: one JSON object per logging step in OUT/stats.jsonl (and
-TensorBoard scalars when tensorboard is installed), and at the end the plots of gradient
-variance per residual block over training.
+"""What `gradstats train` writes: one JSON object per logging step in OUT/stats.jsonl (and the
+same numbers to TensorBoard / Weights & Biases through gradstats.tools.writers), and at the end
+the plots of gradient variance per residual block over training.
 
 A stats.jsonl record:
     {"step", "epoch", "lr", "train_loss", "train_acc", "samples", "images_per_s", "elapsed_s",
-     "bn_layers": [{"name", "channels", "count", "dy_mean", "dy_var", "dy_var_min", "dy_var_max",
-                    "dy_nonfinite", "dx_...": the same for dx}],
-     "blocks": [{"name", "channels", "count", "grad_mean", "grad_var", "grad_var_min",
-                 "grad_var_max", "grad_nonfinite"}]}
-Per layer: "count" is values per channel since the last record; the rest is
-gradstats.summary.summarize_channels: "*_mean" and "*_var" are the per-channel mean and
-(population) variance averaged over the channels with finite values; min/max are over those
-channels; "*_nonfinite" counts NaN/Inf values (left out of the moments). Non-finite numbers
-become null.
+     "bn_layers": [{"name", "stage", "channels", "count", "dy_mean", "dy_var", "dy_var_min",
+                    "dy_var_max", "dy_nonfinite", "dy_dead", "dx_...": the same for dx,
+                    "dx_over_dy"}],
+     "blocks": [{"name", "stage", "channels", "count", "grad_mean", "grad_var", "grad_var_min",
+                 "grad_var_max", "grad_nonfinite", "grad_dead", "grad_var_ratio"}],
+     "alerts": [{"kind", "layer", "step", "message"}]}
+The per-layer entries are gradstats.records.summarize_slots' (its docstring defines them) over
+the interval since the last record; "alerts" are gradstats.alerts.check's for this record.
+Non-finite numbers become null.
 """
 
 from __future__ import annotations
@@ -22,37 +22,12 @@ import math
 import os
 from typing import Any
 
-from torch import Tensor
+import numpy as np
 
-from ..stats import ChannelStats, GradStats
-from ..summary import summarize_channels, summary_values
+from ..extras import require
+from ..records import flatten
 
 STATS_FILE = "stats.jsonl"
-
-
-def _channels(c: ChannelStats, prefix: str) -> dict[str, Any]:
-    summary = summary_values(summarize_channels(c))
-    return {prefix + key: summary[key] for key in ("mean", "var", "var_min", "var_max", "nonfinite")}
-
-
-def layer_record(name: str, merged: Tensor) -> dict[str, Any]:
-    """The record of one module from its merged [G, rows, C] statistics (G = 2: a BN layer's dy
-    and dx; G = 1: a probe's gradient)."""
-    record: dict[str, Any] = {"name": name, "channels": merged.shape[-1]}
-    stats = GradStats.from_slot(merged)
-    if stats is None:  # the module saw no backward in this interval
-        return record
-    record["count"] = int(stats.grad_output.count.max().item())
-    if merged.shape[0] == 1:
-        record.update(_channels(stats.grad_output, "grad_"))
-    else:
-        record.update(_channels(stats.grad_output, "dy_"))
-        record.update(_channels(stats.grad_input, "dx_"))
-    return record
-
-
-def _is_number(value) -> bool:
-    return value is not None and math.isfinite(value)
 
 
 def finite(value):
@@ -66,49 +41,36 @@ def finite(value):
     return value
 
 
-class StatsLog:
-    """Appends records to OUT/stats.jsonl (flushed per record) and, if tensorboard is
-    installed and wanted, to TensorBoard event files in OUT/tensorboard."""
+TRAINING_SCALARS = ("train_loss", "train_acc", "lr", "images_per_s")
 
-    def __init__(self, out: str, tensorboard: bool = True) -> None:
+
+class StatsLog:
+    """Appends records to OUT/stats.jsonl (flushed per record) and hands their numbers to
+    ``writers`` (gradstats.tools.writers): the training curves as ``train/...``, the layers'
+    statistics under gradstats.metrics names, and per-channel histograms when given."""
+
+    def __init__(self, out: str, writers=()) -> None:
         self.path = os.path.join(out, STATS_FILE)
         self.file = open(self.path, "a", encoding="utf-8")
-        self.writer = None
-        if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except Exception:  # tensorboard is optional (ImportError, or a broken install)
-                SummaryWriter = None
-            if SummaryWriter is not None:
-                self.writer = SummaryWriter(os.path.join(out, "tensorboard"))
+        self.writers = list(writers)
 
-    def write(self, record: dict[str, Any]) -> None:
+    def write(self, record: dict[str, Any], histograms: dict[str, np.ndarray] | None = None) -> None:
         self.file.write(json.dumps(finite(record), allow_nan=False) + "\n")
         self.file.flush()
-        if self.writer is not None:
-            self._tensorboard(record)
-
-    def _tensorboard(self, record: dict[str, Any]) -> None:
-        step = record["step"]
-        for key in ("train_loss", "train_acc", "lr", "images_per_s"):
-            if record.get(key) is not None:
-                self.writer.add_scalar(f"train/{key}", record[key], step)
-        for layer in record["bn_layers"]:
-            for key in ("dy_var", "dx_var"):
-                if _is_number(layer.get(key)):
-                    self.writer.add_scalar(f"bn_{key}/{layer['name']}", layer[key], step)
-        for block in record["blocks"]:
-            if _is_number(block.get("grad_var")):
-                self.writer.add_scalar(f"block_grad_var/{block['name']}", block["grad_var"], step)
+        if self.writers:
+            scalars = {f"train/{k}": record[k] for k in TRAINING_SCALARS if record.get(k) is not None}
+            scalars.update(flatten(record["bn_layers"], record["blocks"]))
+            for writer in self.writers:
+                writer.write(record["step"], scalars, histograms)
 
     def scalar(self, tag: str, value: float, step: int) -> None:
-        if self.writer is not None:
-            self.writer.add_scalar(tag, value, step)
+        for writer in self.writers:
+            writer.write(step, {tag: value})
 
     def close(self) -> None:
         self.file.close()
-        if self.writer is not None:
-            self.writer.close()
+        for writer in self.writers:
+            writer.close()
 
 
 def read_records(path: str) -> list[dict[str, Any]]:
@@ -149,11 +111,9 @@ def plot_block_variance(records: list[dict[str, Any]], out: str) -> list[str]:
     records = [r for r in records if r["blocks"] and r["blocks"][0].get("grad_var") is not None]
     if not records:
         return []
-    import matplotlib
-
+    matplotlib = require("matplotlib", "the training plots")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import numpy as np
 
     names = [b["name"] for b in records[0]["blocks"]]
     steps = [r["step"] for r in records]

@@ -11,6 +11,7 @@ import argparse
 import os
 from dataclasses import asdict, fields
 
+from ..extras import MissingExtra, require
 from ..models import VARIANTS
 from .checkpoint import CheckpointError, load_checkpoint
 from .trainer import CHECKPOINT, DTYPES, TORCHVISION_MODELS, TrainConfig, train
@@ -117,6 +118,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="continue the run in a checkpoint (default OUT/checkpoint.pt)",
     )
     add("--device", help="auto (default: CUDA if available), cpu, cuda, cuda:N")
+    add(
+        "--wandb",
+        metavar="PROJECT",
+        help="also log to this Weights & Biases project (pip install 'gradstats[wandb]'; "
+        "WANDB_MODE=offline keeps it local)",
+    )
+    add(
+        "--alert-thresholds",
+        type=_thresholds,
+        metavar="NAME=VALUE,...",
+        help="health-alert thresholds (gradstats.alerts.AlertThresholds: dx_over_dy_expected, "
+        "dx_over_dy_band, block_ratio, dead_channels; docs/analysis.md)",
+    )
     add("--eval-batch-size", type=int, help=f"(default {d.eval_batch_size})")
     add("--no-progress", dest="progress", action="store_const", const=False, help="no progress bar")
     add(
@@ -135,6 +149,22 @@ def _fractions(text: str) -> list[float]:
         raise argparse.ArgumentTypeError(
             f"expected comma-separated fractions like 0.5,0.75, got {text!r}"
         ) from None
+
+
+def _thresholds(text: str) -> dict[str, float]:
+    values: dict[str, float] = {}
+    for item in (part.strip() for part in text.split(",")):
+        name, sep, value = (p.strip() for p in item.partition("="))
+        try:
+            number = int(value) if value.isdigit() else float(value)
+        except ValueError:
+            number = None
+        if not sep or not name or number is None:
+            raise argparse.ArgumentTypeError(
+                f"expected NAME=VALUE pairs like block_ratio=4,dead_channels=1, got {item!r}"
+            )
+        values[name] = number
+    return values
 
 
 def config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, dict | None]:
@@ -168,6 +198,11 @@ def config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, dict | None
         given = {**{k: v for k, v in saved.items() if k in known}, "stop_at": 0, **given, "out": out}
     config = TrainConfig(**given)
     config.validate()
+    if config.wandb:
+        try:
+            require("wandb", "--wandb")
+        except MissingExtra as error:
+            raise ValueError(str(error)) from error
     if resume is None and os.path.exists(os.path.join(config.out, CHECKPOINT)):
         raise ValueError(
             f"--out {config.out} already holds a run ({CHECKPOINT}); continue it with --resume, "

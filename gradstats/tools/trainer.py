@@ -22,16 +22,19 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm import tqdm
 
 from .. import distributed
+from ..alerts import AlertThresholds, check_model, started
 from ..convert import batchnorms, instrument, probes
+from ..extras import MissingExtra, require
+from ..records import layer_name, summarize_slots
 from ..models import VARIANTS, cifar_resnet_variant
 from ..syncbn import convert_sync_batchnorm
 from . import launch, logs
 from .checkpoint import save_checkpoint
 from .options import check_choice, check_min, check_range
 from .sources import BatchPlan, open_source
+from .writers import TensorBoardWriter, WandbWriter, channel_log10_variances
 
 CHECKPOINT = "checkpoint.pt"
 TORCHVISION_MODELS = ("resnet18", "resnet34", "resnet50")
@@ -73,6 +76,8 @@ class TrainConfig:
     device: str = "auto"
     progress: bool = True
     tensorboard: bool = True
+    wandb: str = ""  # a Weights & Biases project: log there too
+    alert_thresholds: dict[str, float] = field(default_factory=dict)  # gradstats.alerts.AlertThresholds
     eval_batch_size: int = 500
 
     def validate(self) -> None:
@@ -89,9 +94,24 @@ class TrainConfig:
         if self.image_size:
             check_min(self, ("image_size",), MIN_IMAGE_SIZE)
 
+        self.thresholds()
+
     def default_image_size(self) -> int:
         """--image-size when not given: torchvision's 224 for its models, 32 for cifar_resnet."""
         return 224 if self.model in TORCHVISION_MODELS else 32
+
+    def thresholds(self) -> AlertThresholds:
+        """The alert thresholds: AlertThresholds' defaults, with --alert-thresholds' values."""
+        known = AlertThresholds.__dataclass_fields__
+        unknown = [k for k in self.alert_thresholds if k not in known]
+        if unknown:
+            raise ValueError(
+                f"--alert-thresholds: unknown {', '.join(unknown)}; choose from {', '.join(known)}"
+            )
+        try:
+            return AlertThresholds(**self.alert_thresholds)
+        except ValueError as error:
+            raise ValueError(f"--alert-thresholds: {error}") from error
 
 
 def build_model(config: TrainConfig, num_classes: int, image_size: int = 32) -> nn.Module:
@@ -176,9 +196,15 @@ class Trainer:
         self.window = torch.zeros(3, dtype=torch.float64, device=self.device)
         self.step = 0
         self.history: dict[str, Any] = {"eval": [], "elapsed_s": 0.0}
+        self.resumed = resume is not None
         if resume is not None:
             self._restore(resume)
         self.lr = self.optimizer.param_groups[0]["lr"]  # the rate of the last step taken
+        # Alerts raised so far (each once, when it started) and the (kind, layer) pairs raised by
+        # the last record; a checkpoint keeps both.
+        self.history.setdefault("alerts", [])
+        self.history.setdefault("active_alerts", [])
+        self.thresholds = config.thresholds()
         self.net = launch.wrap_ddp(self.model, ctx)
 
         # Wall-clock accounting: elapsed_s adds this process's time since `started` to the
@@ -197,7 +223,8 @@ class Trainer:
                 open(self.stats_path, "w").close()
             else:
                 logs.truncate_records(self.stats_path, self.step)
-        self.stats = logs.StatsLog(config.out, config.tensorboard) if ctx.is_main else _NoLog()
+        self.stats = logs.StatsLog(config.out, self.writers()) if ctx.is_main else _NoLog()
+        tqdm = require("tqdm", "gradstats train's progress bar").tqdm
         self.bar = tqdm(
             total=self.total_steps,
             initial=self.step,
@@ -266,6 +293,24 @@ class Trainer:
             save_checkpoint(self._state(), os.path.join(self.config.out, CHECKPOINT))
             self.paused += time.perf_counter() - started
 
+    def writers(self) -> list:
+        """TensorBoard (when installed and not --no-tensorboard) and --wandb writers. A resumed
+        run purges TensorBoard events after its checkpoint's step (a crashed run may have written
+        some) and continues its Weights & Biases run."""
+        writers: list = []
+        if self.config.tensorboard:
+            try:
+                writers.append(TensorBoardWriter(self.config.out, self.step + 1 if self.resumed else None))
+            except MissingExtra as error:
+                self.log(f"note: no TensorBoard events: {error} (--no-tensorboard silences this)")
+        if self.config.wandb:
+            writer = WandbWriter(
+                self.config.out, self.config.wandb, asdict(self.config), self.history.get("wandb_id")
+            )
+            self.history["wandb_id"] = writer.run_id
+            writers.append(writer)
+        return writers
+
     def elapsed(self) -> float:
         return self.elapsed_before + time.perf_counter() - self.started
 
@@ -297,7 +342,10 @@ class Trainer:
         now = time.perf_counter()
         seconds = max(now - self.mark - self.paused, 1e-9)
         self.mark, self.paused = now, 0.0
-        layers = [logs.layer_record(name, m) for (name, _), m in zip(self.recorders, merged)]
+        names = [layer_name(name) for name, _ in self.recorders]
+        bn_slots = list(zip(names[: self.n_bn], merged[: self.n_bn]))
+        block_slots = list(zip(names[self.n_bn :], merged[self.n_bn :]))
+        bn_layers, blocks = summarize_slots(bn_slots, block_slots)
         record = {
             "step": self.step,
             "epoch": (self.step - 1) // self.steps_per_epoch,
@@ -307,10 +355,12 @@ class Trainer:
             "samples": int(samples),
             "images_per_s": samples / seconds,
             "elapsed_s": self.elapsed(),
-            "bn_layers": layers[: self.n_bn],
-            "blocks": layers[self.n_bn :],
+            "bn_layers": bn_layers,
+            "blocks": blocks,
         }
-        self.stats.write(record)
+        record["alerts"] = self.alerts(record)
+        histograms = channel_log10_variances(bn_slots, block_slots) if self.stats.writers else None
+        self.stats.write(record, histograms)
         self.bar.update(self.step - self.bar.n)
         self.bar.set_postfix(
             loss=f"{record['train_loss']:.4f}",
@@ -319,6 +369,18 @@ class Trainer:
             refresh=True,
         )
         return record
+
+    def alerts(self, record: dict[str, Any]) -> list[dict[str, Any]]:
+        """The record's health alerts (gradstats.alerts); those that start here are printed and
+        kept in the history (summary.json)."""
+        alerts = check_model(record, self.model, self.thresholds)  # this rank's last backward
+        active = {tuple(pair) for pair in self.history["active_alerts"]}
+        new, active = started(alerts, active)
+        self.history["active_alerts"] = sorted(list(pair) for pair in active)
+        for alert in new:
+            self.bar.write(f"alert at step {alert['step']}: {alert['message']}")
+        self.history["alerts"].extend(new)
+        return alerts
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, Any]:
@@ -396,7 +458,11 @@ class Trainer:
     def finish(self) -> dict[str, Any]:
         """OUT/summary.json and the plots, from the whole run's records."""
         records = logs.read_records(self.stats_path)
-        plots = logs.plot_block_variance(records, self.config.out)
+        try:
+            plots = logs.plot_block_variance(records, self.config.out)
+        except MissingExtra as error:
+            self.log(f"note: no plots: {error}")
+            plots = []
         last_eval = self.history["eval"][-1] if self.history["eval"] else {}
         elapsed = self.elapsed()
         summary = {
@@ -421,6 +487,7 @@ class Trainer:
             "block_grad_var_first": _block_var(records[0]) if records else None,
             "block_grad_var_last": _block_var(records[-1]) if records else None,
             "plots": [os.path.basename(p) for p in plots],
+            "alerts": self.history["alerts"],
         }
         path = os.path.join(self.config.out, "summary.json")
         with open(path, "w", encoding="utf-8") as f:
@@ -436,7 +503,9 @@ def _block_var(record: dict[str, Any]) -> dict[str, Any]:
 class _NoLog:
     """What ranks other than 0 log to: nothing."""
 
-    def write(self, record):
+    writers = ()
+
+    def write(self, record, histograms=None):
         pass
 
     def scalar(self, tag, value, step):

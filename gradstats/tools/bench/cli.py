@@ -7,6 +7,7 @@ import argparse
 import json
 import time
 
+from ...extras import require
 from ..options import check_min, resolve_device
 from .op import DTYPES, HEADER, PRESETS, bench_shape, format_row
 from .step import run_e2e
@@ -73,8 +74,7 @@ def main(args: argparse.Namespace) -> int:
     rows = []
     progress = None
     if len(configs) > 4:
-        from tqdm import tqdm
-
+        tqdm = require("tqdm", "gradstats bench's progress bar").tqdm
         # disable=None: no bar when the output is not a terminal (logs stay clean)
         progress = tqdm(total=len(configs), desc="bench", leave=False, unit="config", disable=None)
     for shape, channels_last in configs:

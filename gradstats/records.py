@@ -1,0 +1,182 @@
+"""A flat view of a model's gradient statistics for any logger: ``metrics(model)`` gives
+``{"gradstats/<stage>/<layer>/<quantity>": float}`` for every BatchNorm layer and every residual
+block probe, read from the device in one copy whatever the number of layers.
+
+The same per-layer summary serves the tools: ``layer_summaries`` (from a model) and
+``summarize_slots`` (from statistics already merged across ranks) return one dict per layer,
+which `gradstats train` writes to stats.jsonl, health alerts (gradstats.alerts) read, and
+``flatten`` turns into the metric names.
+
+Per layer and gradient (dy and dx of a BN layer; the gradient ``grad`` at a block's output):
+    mean, var       per-channel mean and population variance, averaged over the channels that
+                    have finite values (NaN-aware: a channel without any finite value does not
+                    turn the average into NaN; NaN only when no channel has one)
+    var_min/max     over those channels
+    nonfinite       NaN/Inf values (left out of mean and var), all channels together
+    dead            channels with finite values whose variance is exactly zero
+    count           values per channel (the largest over channels)
+plus, for a BN layer, ``dx_over_dy``: dx variance / dy variance (both channel-averaged), and, for
+a block, ``grad_var_ratio``: its gradient variance / the next block's (output side), the
+block-to-block growth towards the input of docs/analysis.md.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils.rnn import pad_sequence
+
+from .convert import batchnorms, probes
+from .stats import SLOT_ACCUMULATED, SLOT_EMA, SLOT_LAST
+from .summary import FIELDS, summarize_moments
+
+SLOTS = {"last": SLOT_LAST, "accumulated": SLOT_ACCUMULATED, "ema": SLOT_EMA}
+BN_GRADIENTS = ("dy", "dx")
+BLOCK_GRADIENTS = ("grad",)
+PROBE_SUFFIX = ".grad_probe"
+# Wrappers' names are not part of the model's layer names: DistributedDataParallel's "module."
+# (leading), torch.compile's "_orig_mod." (anywhere).
+
+
+def layer_name(name: str) -> str:
+    """A recording module's name as the model defines it: wrapper components dropped, a probe
+    named after its block."""
+    parts = [p for p in name.removesuffix(PROBE_SUFFIX).split(".") if p != "_orig_mod"]
+    while parts and parts[0] == "module":
+        parts.pop(0)
+    return ".".join(parts) or name
+
+
+def _without_common_head(names: list[str]) -> list[str]:
+    """``names`` without the leading components they all share (the attribute a LightningModule
+    or another wrapper keeps the network in), so that stages are the network's own."""
+    split = [n.split(".") for n in names]
+    while len(split) > 0 and all(len(p) > 1 for p in split) and len({p[0] for p in split}) == 1:
+        split = [p[1:] for p in split]
+    return [".".join(p) for p in split]
+
+
+def stage_of(name: str) -> str:
+    """The group a layer is folded into on dashboards: its top-level container ("layer1"), or
+    "stem" for a layer directly under the model (the first convolution's BN)."""
+    head, dot, _ = name.partition(".")
+    return head if dot else "stem"
+
+
+def _reduce(slots: list[Tensor]) -> Tensor:
+    """[L, G, len(FIELDS)] float64: the summary (gradstats.summary) of every [G, rows, C] slot, on
+    their device, in a fixed number of operations whatever L (channel counts differ: padded with
+    empty channels, count 0, which the summary leaves out)."""
+    # pad_sequence pads the first dimension: [C, G * rows] per layer -> [L, Cmax, G * rows].
+    g, rows = slots[0].shape[0], slots[0].shape[1]
+    padded = pad_sequence([s.reshape(g * rows, -1).t() for s in slots], batch_first=True)
+    return summarize_moments(padded.reshape(len(slots), -1, g, rows).permute(0, 2, 3, 1))
+
+
+def summarize_slots(
+    bn_slots: list[tuple[str, Tensor]], block_slots: list[tuple[str, Tensor]]
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Per-layer summaries (see the module docstring) of BN layers' [2, rows, C] and probes'
+    [1, rows, C] statistics (one slot each: count, mean, M2, nonfinite rows), as two lists of
+    dicts ``{"name", "stage", "channels", "count", "dy_mean", "dy_var", ..., "dx_over_dy"}`` and
+    ``{"name", ..., "grad_var", ..., "grad_var_ratio"}``. The reductions run on the slots' device;
+    their results come to the host in one copy. A layer that saw no backward has NaN moments.
+    """
+    parts = [_reduce([s for _, s in group]).reshape(-1) for group in (bn_slots, block_slots) if group]
+    values = torch.cat(parts).cpu().tolist() if parts else []  # the one device-to-host copy
+    fields = len(FIELDS)
+    out: list[list[dict[str, Any]]] = []
+    offset = 0
+    for group, gradients in ((bn_slots, BN_GRADIENTS), (block_slots, BLOCK_GRADIENTS)):
+        records = []
+        for name, slot in group:
+            record: dict[str, Any] = {"name": name, "stage": stage_of(name), "channels": slot.shape[-1]}
+            for gradient in gradients:
+                row = dict(zip(FIELDS, values[offset : offset + fields]))
+                offset += fields
+                record["count"] = max(record.get("count", 0), int(row.pop("count")))
+                record.update({f"{gradient}_{key}": value for key, value in row.items()})
+                record[f"{gradient}_nonfinite"] = int(record[f"{gradient}_nonfinite"])
+                record[f"{gradient}_dead"] = int(record[f"{gradient}_dead"])
+            records.append(record)
+        out.append(records)
+    bn_records, block_records = out
+    for record in bn_records:
+        record["dx_over_dy"] = _ratio(record["dx_var"], record["dy_var"])
+    for record, following in zip(block_records, block_records[1:] + [None]):
+        below = None if following is None else following["grad_var"]
+        record["grad_var_ratio"] = None if below is None else _ratio(record["grad_var"], below)
+    return bn_records, block_records
+
+
+def _ratio(a: float, b: float) -> float:
+    return a / b if b > 0 else math.nan
+
+
+def recorders(model: nn.Module):
+    """(bn layers, block probes): ``(layer name, module)`` of every GradStatBatchNorm2d and
+    GradProbe of ``model``, each in module order, named by layer_name without the components
+    all of them share."""
+    found = batchnorms(model) + probes(model)
+    names = _without_common_head([layer_name(name) for name, _ in found])
+    named = [(name, m) for name, (_, m) in zip(names, found)]
+    n_bn = len(found) - len(probes(model))
+    return named[:n_bn], named[n_bn:]
+
+
+def recorder_slots(model: nn.Module, which: str = "accumulated"):
+    """(bn_slots, block_slots): ``(layer name, [G, rows, C] slot)`` of every recording module of
+    ``model`` (recorders), on their device (views, no copy)."""
+    if which not in SLOTS:
+        raise ValueError(f"which: expected one of {', '.join(SLOTS)}, got {which!r}")
+    slot = SLOTS[which]
+    bns, blocks = recorders(model)
+    return (
+        [(name, m.grad_stats_state[slot]) for name, m in bns],
+        [(name, m.grad_stats_state[slot]) for name, m in blocks],
+    )
+
+
+def layer_summaries(model: nn.Module, which: str = "accumulated"):
+    """summarize_slots of ``model``'s recording modules (``which``: "last", "accumulated" or
+    "ema"): (bn layer records, block records), one device-to-host copy."""
+    return summarize_slots(*recorder_slots(model, which))
+
+
+def flatten(
+    bn_records: list[dict[str, Any]], block_records: list[dict[str, Any]], prefix: str = "gradstats/"
+) -> dict[str, float]:
+    """``{prefix + stage/layer/quantity: float}`` from the per-layer records."""
+    flat: dict[str, float] = {}
+    for records, gradients, extra in (
+        (bn_records, BN_GRADIENTS, ("dx_over_dy",)),
+        (block_records, BLOCK_GRADIENTS, ("grad_var_ratio",)),
+    ):
+        for record in records:
+            base = f"{prefix}{record['stage']}/{record['name']}/"
+            keys = [f"{g}_{f}" for g in gradients for f in ("mean", "var", "nonfinite", "dead")] + list(extra)
+            for key in keys:
+                value = record[key]
+                if value is not None:
+                    flat[base + key] = float(value)
+    return flat
+
+
+def metrics(model: nn.Module, *, which: str = "accumulated", prefix: str = "gradstats/") -> dict[str, float]:
+    """Every recording module's statistics as ``{name: float}``, for any logger
+    (``logger.log_metrics(gradstats.metrics(model), step)``, ``wandb.log``, ``add_scalar``).
+
+    Names are ``prefix + stage + "/" + layer + "/" + quantity``, stage being the layer's top-level
+    container ("layer1", or "stem"), so dashboards fold them per stage. Per BN layer: ``dy_mean``,
+    ``dy_var``, ``dx_mean``, ``dx_var`` (channel averages, NaN-aware), ``dy_nonfinite``,
+    ``dx_nonfinite`` (NaN/Inf values), ``dy_dead``, ``dx_dead`` (channels of zero variance),
+    ``dx_over_dy`` (variance ratio); per residual block probe: ``grad_mean``, ``grad_var``,
+    ``grad_nonfinite``, ``grad_dead`` and ``grad_var_ratio`` (this block's variance / the next
+    one's, absent for the last block). ``which``: "accumulated" (since the last
+    reset_grad_stats(), default), "last" (the last backward) or "ema". One device-to-host copy
+    for the whole model.
+    """
+    return flatten(*layer_summaries(model, which), prefix=prefix)

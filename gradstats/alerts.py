@@ -20,8 +20,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from .records import layer_name
 from .nonfinite import first_nonfinite
+from .records import layer_name
 
 __all__ = ["AlertThresholds", "Alert", "check", "check_model", "started"]
 

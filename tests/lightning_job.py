@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 
 from gradstats.lightning import GradStatsCallback
-from gradstats.records import recorder_slots
 from gradstats.models import cifar_resnet
+from gradstats.records import recorder_slots
 
 
 class Classifier(pl.LightningModule):

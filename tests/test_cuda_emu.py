@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from gradstats.reference import channel_moments as reference_moments
-
 from conftest import CUDA_EMULATED, make_bn_inputs, seed_for
 from test_op import check_against_reference
 
-pytestmark = [pytest.mark.cuda,
-              pytest.mark.skipif(not CUDA_EMULATED, reason="runs under scripts/cuda_emulator.sh")]
+from gradstats.reference import channel_moments as reference_moments
+
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(not CUDA_EMULATED, reason="runs under scripts/cuda_emulator.sh"),
+]
 
 if CUDA_EMULATED:
     import gradstats_cuda_emu as emu
@@ -27,9 +28,9 @@ PLANS = [
     ((2, 3, 128, 130), False),  # NCHW, 33280 values per channel: 2 / 2 / 2 blocks per channel
     ((1, 1, 300, 300), False),  # one channel: 4 / 5 / 5 blocks
     ((2, 5, 260, 260), False),  # 1 / 2 / 2 blocks; one block: 264 values per thread, two chunks
-    ((8, 3, 64, 64), True),     # channels_last, 3 of a 4-lane tile active: 4 / 8 / 8 blocks
-    ((4, 40, 48, 48), True),    # 40 channels in two 32-lane tiles: 2 / 4 / 18 blocks
-    ((3, 7, 1, 1), True),       # H = W = 1, a 2-D (N, C) matrix
+    ((8, 3, 64, 64), True),  # channels_last, 3 of a 4-lane tile active: 4 / 8 / 8 blocks
+    ((4, 40, 48, 48), True),  # 40 channels in two 32-lane tiles: 2 / 4 / 18 blocks
+    ((3, 7, 1, 1), True),  # H = W = 1, a 2-D (N, C) matrix
 ]
 
 
@@ -39,8 +40,9 @@ PLANS = [
 def test_grids_of_several_blocks_match_reference(plan, num_sms, dtype):
     shape, channels_last = plan
     for training in (True, False):
-        dy, x, w, mean, invstd = make_bn_inputs(shape, dtype, "cpu", channels_last=channels_last,
-                                                seed=seed_for(shape, num_sms, dtype, training))
+        dy, x, w, mean, invstd = make_bn_inputs(
+            shape, dtype, "cpu", channels_last=channels_last, seed=seed_for(shape, num_sms, dtype, training)
+        )
         out = emu.bn_backward_stats(dy, x, w, mean, invstd, training, True, num_sms=num_sms)
         check_against_reference(out, dy, x, w, mean, invstd, training, True, dtype)
     stats = emu.channel_moments(dy, num_sms=num_sms)
@@ -59,9 +61,16 @@ def test_float32_variance_at_offset_of_1e4_std(channels_last, num_sms):
     if channels_last:
         dy = dy.contiguous(memory_format=torch.channels_last)
     truth = reference_moments(dy)
-    for stats in (emu.channel_moments(dy, num_sms=num_sms),
-                  emu.bn_backward_stats(dy, *make_bn_inputs(shape, torch.float32, "cpu", channels_last=channels_last,
-                                                            seed=1)[1:], False, True, num_sms=num_sms)[3][0]):
+    for stats in (
+        emu.channel_moments(dy, num_sms=num_sms),
+        emu.bn_backward_stats(
+            dy,
+            *make_bn_inputs(shape, torch.float32, "cpu", channels_last=channels_last, seed=1)[1:],
+            False,
+            True,
+            num_sms=num_sms,
+        )[3][0],
+    ):
         rel = ((stats[2] / stats[0]) - truth[2] / truth[0]).abs() / (truth[2] / truth[0])
         print(f"max relative variance error {rel.max().item():.2e}")
         assert rel.max().item() < 1e-5
@@ -70,8 +79,11 @@ def test_float32_variance_at_offset_of_1e4_std(channels_last, num_sms):
 
 @pytest.mark.parametrize("magnitude", [1e20, 3e38])
 @pytest.mark.parametrize("num_sms", [1, 132])
-@pytest.mark.parametrize("plan", [((2, 3, 128, 130), False), ((8, 3, 64, 64), True), ((3, 5, 4, 4), False)],
-                         ids=["nchw_2_blocks", "channels_last", "nchw_few_values"])
+@pytest.mark.parametrize(
+    "plan",
+    [((2, 3, 128, 130), False), ((8, 3, 64, 64), True), ((3, 5, 4, 4), False)],
+    ids=["nchw_2_blocks", "channels_last", "nchw_few_values"],
+)
 def test_finite_values_near_float32_max_give_finite_moments(plan, num_sms, magnitude):
     """Finite float32 values up to 3e38: their squares overflow float32, and so do differences
     between them; the moments must still be finite and right (and no merge with an empty side,
@@ -106,12 +118,15 @@ def test_errors_match_the_operator():
         emu.channel_moments(x, num_sms=0)
 
 
-@pytest.mark.parametrize("case, message", [
-    ("shared_race", "race on shared array 'cells' element 0.*racy_kernel"),
-    ("barrier_skipped", "exited while other threads of its block wait at __syncthreads"),
-    ("shuffle_exited_lane", "__shfl_down_sync.*names lane 31, which has exited"),
-    ("shared_out_of_range", "out of range: shared array 'cells' element 64 of 64"),
-])
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("shared_race", "race on shared array 'cells' element 0.*racy_kernel"),
+        ("barrier_skipped", "exited while other threads of its block wait at __syncthreads"),
+        ("shuffle_exited_lane", "__shfl_down_sync.*names lane 31, which has exited"),
+        ("shared_out_of_range", "out of range: shared array 'cells' element 64 of 64"),
+    ],
+)
 def test_emulator_reports_faulty_kernels(case, message):
     """The emulator's own checks, on small faulty kernels (csrc/cuda_emu/faulty_kernels.cpp)."""
     with pytest.raises(RuntimeError, match=message):

@@ -24,8 +24,8 @@ import gradstats  # noqa: E402
 from gradstats.alerts import AlertThresholds  # noqa: E402
 from gradstats.distributed import scale_moments  # noqa: E402
 from gradstats.lightning import GradStatsCallback  # noqa: E402
-from gradstats.records import flatten, metrics, summarize_slots  # noqa: E402
 from gradstats.models import cifar_resnet  # noqa: E402
+from gradstats.records import flatten, metrics, summarize_slots  # noqa: E402
 from gradstats.stats import merge_moments  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -1,4 +1,4 @@
-"""gradstats.metrics (gradstats/records.py): the flat per-layer view for loggers. Values against the per-channel records
+"""gradstats.metrics (gradstats/records.py): the flat per-layer view for loggers. Values against
 (ChannelStats) reduced in float64 here, NaN-aware averaging when a channel holds no finite value,
 names grouped per stage (wrappers' names dropped), and one device-to-host copy whatever the
 number of layers."""
@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import gradstats
-from gradstats.records import layer_summaries, metrics
 from gradstats.models import cifar_resnet
+from gradstats.records import layer_summaries, metrics
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

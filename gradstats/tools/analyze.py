@@ -24,8 +24,8 @@ from torch import Tensor, nn
 
 from ..convert import batchnorms, instrument, probes
 from ..extras import require
-from ..records import layer_summaries
 from ..models import VARIANTS, cifar_resnet_variant
+from ..records import layer_summaries
 from ..summary import summarize_channels
 from .data import ImageData, load_dataset
 from .logs import finite

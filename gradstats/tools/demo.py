@@ -11,9 +11,9 @@ import torch.nn.functional as F
 
 from .. import __version__
 from ..convert import batchnorms, convert_batchnorm
-from ..records import layer_summaries
 from ..models import cifar_resnet
 from ..ops import cpu_capability, cuda_kernels_built
+from ..records import layer_summaries
 from .data import load_dataset
 from .options import check_min, resolve_device
 from .sampling import BatchSampler

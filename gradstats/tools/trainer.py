@@ -27,8 +27,8 @@ from .. import distributed
 from ..alerts import AlertThresholds, check_model, started
 from ..convert import batchnorms, instrument, probes
 from ..extras import MissingExtra, require
-from ..records import layer_name, summarize_slots
 from ..models import VARIANTS, cifar_resnet_variant
+from ..records import layer_name, summarize_slots
 from ..syncbn import convert_sync_batchnorm
 from . import launch, logs
 from .checkpoint import save_checkpoint

@@ -1,7 +1,7 @@
 """gradstats.metrics (gradstats/records.py): the flat per-layer view for loggers. Values against
-(ChannelStats) reduced in float64 here, NaN-aware averaging when a channel holds no finite value,
-names grouped per stage (wrappers' names dropped), and one device-to-host copy whatever the
-number of layers."""
+the per-channel records (ChannelStats) reduced in float64 here, NaN-aware averaging when a channel
+holds no finite value, names grouped per stage (wrappers' names dropped), and one device-to-host
+copy whatever the number of layers."""
 
 from __future__ import annotations
 

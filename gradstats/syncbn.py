@@ -1,6 +1,8 @@
-"""GradStatSyncBatchNorm2d: batch norm over the global batch of a process group (what
-nn.SyncBatchNorm computes) that records dy/dx statistics like GradStatBatchNorm2d, on CPU (gloo)
-as well as CUDA (nccl); nn.SyncBatchNorm itself only runs on GPUs.
+"""GradStatSyncBatchNorm: the recording class of nn.SyncBatchNorm (see gradstats.modules), which
+computes batch norm over the global batch of a process group and records dy/dx statistics, on CPU
+(gloo) as well as CUDA (nccl); nn.SyncBatchNorm itself only synchronises on GPUs. It takes
+nn.SyncBatchNorm's constructor arguments and (N, C, ...) inputs of 2 to 5 dimensions.
+GradStatSyncBatchNorm2d is the same class under its gradstats 0.1 name.
 
 Training with a process group of more than one rank: the forward gathers every rank's
 per-channel moments (one all_gather), Chan-merges them into the global mean and variance and
@@ -8,7 +10,8 @@ normalises with those; the backward all-reduces sum(dy) and sum(dy * (x - mean))
 all_reduce) for the global terms of dx, and returns this rank's weight and bias gradients, as
 nn.SyncBatchNorm does (DistributedDataParallel averages them). Statistics of dy and dx are
 measured with gradstats.channel_moments: two extra reads, not fused into the backward. Eval mode,
-or no process group: exactly GradStatBatchNorm2d (as nn.SyncBatchNorm falls back to BatchNorm).
+or no process group: nn.SyncBatchNorm's own forward, which falls back to F.batch_norm, recorded
+like GradStatBatchNorm2d.
 """
 
 from __future__ import annotations
@@ -19,12 +22,19 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from . import ops
-from .convert import converted_layer
 from .distributed import all_gather_stacked
-from .modules import GradStatBatchNorm2d
+from .modules import BatchNormRecorder, _module_device, _register, recording_class
 from .stats import ROW_COUNT, ROW_M2, ROW_MEAN, ROW_NONFINITE, merge_moments
 
-__all__ = ["GradStatSyncBatchNorm2d", "convert_sync_batchnorm"]
+__all__ = ["GradStatSyncBatchNorm", "GradStatSyncBatchNorm2d", "convert_sync_batchnorm"]
+
+
+def _channel_shape(input: Tensor) -> tuple[int, ...]:
+    return (1, -1) + (1,) * (input.dim() - 2)
+
+
+def _reduce_dims(input: Tensor) -> tuple[int, ...]:
+    return (0,) + tuple(range(2, input.dim()))
 
 
 class _SyncBatchNormWithGradStats(torch.autograd.Function):
@@ -60,7 +70,7 @@ class _SyncBatchNormWithGradStats(torch.autograd.Function):
         acc = ops._accumulation_dtype(input.dtype)
         mean = mean.to(acc)
         invstd = torch.rsqrt(var + eps).to(acc)
-        shape = (1, -1, 1, 1)
+        shape = _channel_shape(input)
         output = (input.to(acc) - mean.view(shape)) * invstd.view(shape)
         if weight is not None:
             output = output * weight.to(acc).view(shape) + bias.to(acc).view(shape)
@@ -73,11 +83,11 @@ class _SyncBatchNormWithGradStats(torch.autograd.Function):
     def backward(ctx, grad_output):
         input, weight, mean, invstd, count = ctx.saved_tensors
         acc = mean.dtype
-        shape = (1, -1, 1, 1)
+        shape, dims = _channel_shape(input), _reduce_dims(input)
         dy = grad_output.to(acc)
         xmu = input.to(acc) - mean.view(shape)
-        sum_dy = dy.sum((0, 2, 3))
-        sum_dy_xmu = (dy * xmu).sum((0, 2, 3))
+        sum_dy = dy.sum(dims)
+        sum_dy_xmu = (dy * xmu).sum(dims)
         total = torch.cat([sum_dy, sum_dy_xmu])
         dist.all_reduce(total, group=ctx.group)
         mean_dy, mean_dy_xmu = (total / count.repeat(2)).chunk(2)
@@ -95,35 +105,11 @@ class _SyncBatchNormWithGradStats(torch.autograd.Function):
         return grad_input, grad_weight, grad_bias, None, None, None, None, None, None, None, None
 
 
-class GradStatSyncBatchNorm2d(GradStatBatchNorm2d):
-    """GradStatBatchNorm2d whose training-mode statistics are those of the global batch across
-    ``process_group`` (default: the whole world), like nn.SyncBatchNorm. Same parameters,
-    buffers and state_dict keys as GradStatBatchNorm2d."""
-
-    def __init__(
-        self,
-        num_features: int,
-        eps: float = 1e-5,
-        momentum: float | None = 0.1,
-        affine: bool = True,
-        track_running_stats: bool = True,
-        process_group=None,
-        device=None,
-        dtype=None,
-        *,
-        grad_stats_ema_decay: float = 0.9,
-    ) -> None:
-        super().__init__(
-            num_features,
-            eps,
-            momentum,
-            affine,
-            track_running_stats,
-            device,
-            dtype,
-            grad_stats_ema_decay=grad_stats_ema_decay,
-        )
-        self.process_group = process_group
+@_register
+class GradStatSyncBatchNorm(BatchNormRecorder, nn.SyncBatchNorm):
+    """nn.SyncBatchNorm that records dy/dx statistics, and synchronises on CPU too (gloo).
+    Constructed with every argument nn.SyncBatchNorm takes, plus the keyword
+    ``grad_stats_ema_decay``; records as GradStatBatchNorm2d (see gradstats.modules)."""
 
     def _world_size(self) -> int:
         if not (dist.is_available() and dist.is_initialized()):
@@ -133,8 +119,14 @@ class GradStatSyncBatchNorm2d(GradStatBatchNorm2d):
     def forward(self, input: Tensor) -> Tensor:
         world_size = self._world_size() if self.training else 1
         if world_size == 1:
-            return super().forward(input)
-        factor = self._start_forward(input)  # training here: world_size > 1 only in training
+            return super().forward(input)  # nn.SyncBatchNorm's, recorded through F.batch_norm
+        self._check_input_dim(input)
+        self._check_non_zero_input_channels(input)
+        factor = 0.0 if self.momentum is None else self.momentum
+        if self.track_running_stats:
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:  # cumulative moving average
+                factor = 1.0 / float(self.num_batches_tracked)
         running = self.track_running_stats and self.running_mean is not None
         return self._watch_backward(
             _SyncBatchNormWithGradStats.apply(
@@ -143,7 +135,7 @@ class GradStatSyncBatchNorm2d(GradStatBatchNorm2d):
                 self.bias,
                 self.running_mean if running else None,
                 self.running_var if running else None,
-                self.grad_stats_state,
+                self._record_target,
                 factor,
                 self.eps,
                 self.grad_stats_ema_decay,
@@ -153,21 +145,25 @@ class GradStatSyncBatchNorm2d(GradStatBatchNorm2d):
         )
 
 
+GradStatSyncBatchNorm2d = GradStatSyncBatchNorm  # the gradstats 0.1 name
+
+_PER_RANK = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
 def convert_sync_batchnorm(
     module: nn.Module, process_group=None, *, grad_stats_ema_decay: float = 0.9
 ) -> nn.Module:
-    """Replaces every nn.BatchNorm2d and GradStatBatchNorm2d (exact types) in ``module`` by a
-    GradStatSyncBatchNorm2d sharing its parameters and buffers (statistics included); returns
-    the module. Run it before gradstats.instrument, which then only adds the block probes."""
-    if type(module) in (nn.BatchNorm2d, GradStatBatchNorm2d):
-        return converted_layer(
-            module,
-            getattr(module, "grad_stats_ema_decay", grad_stats_ema_decay),
-            GradStatSyncBatchNorm2d,
-            process_group=process_group,
-        )
-    for name, child in module.named_children():
-        converted = convert_sync_batchnorm(child, process_group, grad_stats_ema_decay=grad_stats_ema_decay)
-        if converted is not child:
-            setattr(module, name, converted)
+    """Makes every nn.BatchNorm1d/2d/3d of ``module`` (exact types, or their recording classes)
+    a GradStatSyncBatchNorm in place (``__class__`` swapped: parameters, buffers, hooks and
+    statistics kept), and returns ``module``. Subclasses with their own forward are left to
+    convert_batchnorm. Run it before gradstats.instrument, which then only adds the probes."""
+    for child in module.modules():
+        original = getattr(type(child), "_grad_stats_original_class", type(child))
+        if original not in _PER_RANK or type(child) not in (original, recording_class(original)):
+            continue
+        recording = isinstance(child, BatchNormRecorder)
+        child.__class__ = GradStatSyncBatchNorm
+        child.process_group = process_group
+        if not recording:
+            child._init_grad_stats(child.num_features, 2, grad_stats_ema_decay, _module_device(child))
     return module

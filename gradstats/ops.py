@@ -266,3 +266,9 @@ torch.library.register_vmap(
     "gradstats::channel_moments", _vmap_loop(torch.ops.gradstats.channel_moments.default)
 )
 torch.library.register_vmap("gradstats::record_grad_stats_", _record_vmap)
+# autograd.grad(..., is_grads_batched=True), which gradcheck's batched-gradient check uses, runs
+# the backward under the older batching mechanism (dispatch key "Batched"): its generic fallback
+# loops over the batch for the computing ops, but not for an in-place op; recording is skipped
+# there for the same reason.
+_batched = torch.library.Library("gradstats", "IMPL")
+_batched.impl("record_grad_stats_", lambda state, stats, ema_decay: None, "Batched")

@@ -35,6 +35,7 @@ GradProbe is an identity that measures the gradient through it, with the same st
 from __future__ import annotations
 
 import itertools
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -292,8 +293,12 @@ class BatchNormRecorder(GradStatsRecorder):
         self._init_grad_stats(self.num_features, 2, grad_stats_ema_decay, _module_device(self))
 
     def forward(self, *args, **kwargs):
-        with _RouteBatchNorm(self):
-            return super().forward(*args, **kwargs)
+        route = _RouteBatchNorm(self)
+        with route:
+            output = super().forward(*args, **kwargs)
+        if not route.claimed and not torch.compiler.is_compiling():
+            _warn_not_recording(type(self))
+        return output
 
     def _recording_batch_norm(
         self, func, args, kwargs, input, running_mean, running_var, weight, bias, training, momentum, eps
@@ -350,6 +355,23 @@ class BatchNormRecorder(GradStatsRecorder):
         if type(self).__dict__.get("_grad_stats_created", False):
             return (_new_recording_module, (self._grad_stats_original_class,), self.__dict__.copy())
         return super().__reduce_ex__(protocol)
+
+
+_WARNED: set[type] = set()
+
+
+def _warn_not_recording(cls: type) -> None:
+    """Once per class: a converted layer whose forward made no F.batch_norm call with its own
+    parameters and running statistics (a custom computation) records nothing."""
+    if cls not in _WARNED:
+        _WARNED.add(cls)
+        original = cls._grad_stats_original_class
+        warnings.warn(
+            f"gradstats: {original.__module__}.{original.__qualname__}.forward made no F.batch_norm "
+            "call with the layer's own weight, bias and running statistics, so this layer records no "
+            "gradient statistics (gradstats records the F.batch_norm call of a batch-norm layer)",
+            stacklevel=3,
+        )
 
 
 def _params_fit(input: Tensor, weight: Tensor) -> bool:

@@ -108,11 +108,15 @@ def test_module_db_samples_match_torch(impl, torch_cls, index, training):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("torch_cls", [nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d], ids=lambda c: c.__name__)
+@pytest.mark.parametrize(
+    "torch_cls", [nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d], ids=lambda c: c.__name__
+)
 def test_module_db_error_inputs_raise_torch_errors(impl, torch_cls):
     """torch's error inputs (eps <= 0, which torch refuses in training)."""
     info = _DB[torch_cls]
-    errors = info.module_error_inputs_func(info, device="cpu", dtype=torch.float64, requires_grad=True, training=True)
+    errors = info.module_error_inputs_func(
+        info, device="cpu", dtype=torch.float64, requires_grad=True, training=True
+    )
     assert errors
     for error in errors:
         sample = error.module_error_input
@@ -193,7 +197,9 @@ def test_dtype_device_moves_and_state_dict_keys(impl):
     state = getattr(m, "grad_stats_state", torch.zeros(1)).clone()
     for move in (lambda t: t.to(torch.float16), lambda t: t.double(), lambda t: t.to("cpu", torch.bfloat16)):
         move(reference), move(m)
-        assert [(n, b.dtype) for n, b in m.named_buffers()] == [(n, b.dtype) for n, b in reference.named_buffers()]
+        assert [(n, b.dtype) for n, b in m.named_buffers()] == [
+            (n, b.dtype) for n, b in reference.named_buffers()
+        ]
         assert [(n, p.dtype) for n, p in m.named_parameters()] == [
             (n, p.dtype) for n, p in reference.named_parameters()
         ]

@@ -35,6 +35,7 @@ RUN_FIELDS = (
     "gamma",
     "augment",
     "sync_bn",
+    "amp",
     "dtype",
     "seed",
 )
@@ -78,7 +79,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--sync-bn",
         action="store_true",
         default=None,
-        help="BN statistics over the global batch across processes (GradStatSyncBatchNorm2d)",
+        help="BN statistics over the global batch across processes (GradStatSyncBatchNorm)",
+    )
+    add(
+        "--amp",
+        action="store_true",
+        default=None,
+        help="mixed precision: bfloat16 autocast on CPU; float16 autocast with a GradScaler on CUDA "
+        "(statistics in loss units, skipped steps left out: gradstats.track_grad_scaler)",
     )
     add("--dtype", choices=list(DTYPES), help="model and data dtype (default float32)")
     add("--seed", type=int, help="(default 0)")

@@ -3,7 +3,8 @@
 Public API:
     GradStatBatchNorm1d/2d/3d  drop-in nn.BatchNorm1d/2d/3d recording dy/dx statistics
     GradStatSyncBatchNorm  the same over a process group's global batch (nn.SyncBatchNorm)
-    convert_sync_batchnorm   replace BN layers by GradStatSyncBatchNorm
+    GradStatSyncBatchNorm2d  an nn.BatchNorm2d doing the same (DDP accepts it on CPU)
+    convert_sync_batchnorm   make BatchNorm2d layers GradStatSyncBatchNorm2d, in place
     recording_class       the recording class of any batch-norm class
     GradProbe             identity recording the statistics of the gradient through it
     convert_batchnorm     make every batch-norm layer of a model record, in place

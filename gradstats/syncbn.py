@@ -1,8 +1,10 @@
-"""GradStatSyncBatchNorm: the recording class of nn.SyncBatchNorm (see gradstats.modules), which
-computes batch norm over the global batch of a process group and records dy/dx statistics, on CPU
-(gloo) as well as CUDA (nccl); nn.SyncBatchNorm itself only synchronises on GPUs. It takes
-nn.SyncBatchNorm's constructor arguments and (N, C, ...) inputs of 2 to 5 dimensions.
-GradStatSyncBatchNorm2d is the same class under its gradstats 0.1 name.
+"""Batch norm over the global batch of a process group (what nn.SyncBatchNorm computes) that
+records dy/dx statistics, on CPU (gloo) as well as CUDA (nccl); nn.SyncBatchNorm itself only
+synchronises on GPUs. Two classes share the synchronised forward:
+GradStatSyncBatchNorm, the recording class of nn.SyncBatchNorm (see gradstats.modules: what
+convert_batchnorm makes of an nn.SyncBatchNorm; (N, C, ...) inputs of 2 to 5 dimensions), and
+GradStatSyncBatchNorm2d, an nn.BatchNorm2d (which DistributedDataParallel accepts on CPU, unlike
+an nn.SyncBatchNorm), what convert_sync_batchnorm makes of BatchNorm2d layers.
 
 Training with a process group of more than one rank: the forward gathers every rank's
 per-channel moments (one all_gather), Chan-merges them into the global mean and variance and
@@ -23,7 +25,7 @@ from torch.autograd.function import once_differentiable
 
 from . import ops
 from .distributed import all_gather_stacked
-from .modules import BatchNormRecorder, _module_device, _register, recording_class
+from .modules import BatchNormRecorder, GradStatBatchNorm2d, _module_device, _register
 from .stats import ROW_COUNT, ROW_M2, ROW_MEAN, ROW_NONFINITE, merge_moments
 
 __all__ = ["GradStatSyncBatchNorm", "GradStatSyncBatchNorm2d", "convert_sync_batchnorm"]
@@ -105,11 +107,10 @@ class _SyncBatchNormWithGradStats(torch.autograd.Function):
         return grad_input, grad_weight, grad_bias, None, None, None, None, None, None, None, None
 
 
-@_register
-class GradStatSyncBatchNorm(BatchNormRecorder, nn.SyncBatchNorm):
-    """nn.SyncBatchNorm that records dy/dx statistics, and synchronises on CPU too (gloo).
-    Constructed with every argument nn.SyncBatchNorm takes, plus the keyword
-    ``grad_stats_ema_decay``; records as GradStatBatchNorm2d (see gradstats.modules)."""
+class _GlobalBatchForward:
+    """The forward of the synchronised recording classes: in training with a process group of
+    more than one rank, _SyncBatchNormWithGradStats (CPU and CUDA); otherwise the class's own
+    recorded forward."""
 
     def _world_size(self) -> int:
         if not (dist.is_available() and dist.is_initialized()):
@@ -119,9 +120,8 @@ class GradStatSyncBatchNorm(BatchNormRecorder, nn.SyncBatchNorm):
     def forward(self, input: Tensor) -> Tensor:
         world_size = self._world_size() if self.training else 1
         if world_size == 1:
-            return super().forward(input)  # nn.SyncBatchNorm's, recorded through F.batch_norm
+            return super().forward(input)
         self._check_input_dim(input)
-        self._check_non_zero_input_channels(input)
         factor = 0.0 if self.momentum is None else self.momentum
         if self.track_running_stats:
             self.num_batches_tracked.add_(1)
@@ -145,24 +145,48 @@ class GradStatSyncBatchNorm(BatchNormRecorder, nn.SyncBatchNorm):
         )
 
 
-GradStatSyncBatchNorm2d = GradStatSyncBatchNorm  # the gradstats 0.1 name
+@_register
+class GradStatSyncBatchNorm(_GlobalBatchForward, BatchNormRecorder, nn.SyncBatchNorm):
+    """The recording class of nn.SyncBatchNorm (what convert_batchnorm makes of one): every
+    argument nn.SyncBatchNorm takes, plus the keyword ``grad_stats_ema_decay``; records as
+    GradStatBatchNorm2d. Being an nn.SyncBatchNorm, DistributedDataParallel accepts it on GPU
+    modules only, as it does nn.SyncBatchNorm; on CPU (gloo) use GradStatSyncBatchNorm2d."""
 
-_PER_RANK = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+class GradStatSyncBatchNorm2d(_GlobalBatchForward, GradStatBatchNorm2d):
+    """GradStatBatchNorm2d whose training-mode statistics are those of the global batch across
+    ``process_group`` (default: the whole world), like nn.SyncBatchNorm, on CPU (gloo) as well
+    as CUDA: an nn.BatchNorm2d, which DistributedDataParallel accepts on CPU too. Same
+    parameters, buffers and state_dict keys as nn.BatchNorm2d."""
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        process_group=None,
+        device=None,
+        dtype=None,
+        **kwargs,
+    ) -> None:
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, **kwargs)
+        self.process_group = process_group
 
 
 def convert_sync_batchnorm(
     module: nn.Module, process_group=None, *, grad_stats_ema_decay: float = 0.9
 ) -> nn.Module:
-    """Makes every nn.BatchNorm1d/2d/3d of ``module`` (exact types, or their recording classes)
-    a GradStatSyncBatchNorm in place (``__class__`` swapped: parameters, buffers, hooks and
+    """Makes every nn.BatchNorm2d of ``module`` (exact type, or GradStatBatchNorm2d) a
+    GradStatSyncBatchNorm2d in place (``__class__`` swapped: parameters, buffers, hooks and
     statistics kept), and returns ``module``. Subclasses with their own forward are left to
     convert_batchnorm. Run it before gradstats.instrument, which then only adds the probes."""
     for child in module.modules():
-        original = getattr(type(child), "_grad_stats_original_class", type(child))
-        if original not in _PER_RANK or type(child) not in (original, recording_class(original)):
+        if type(child) not in (nn.BatchNorm2d, GradStatBatchNorm2d):
             continue
         recording = isinstance(child, BatchNormRecorder)
-        child.__class__ = GradStatSyncBatchNorm
+        child.__class__ = GradStatSyncBatchNorm2d
         child.process_group = process_group
         if not recording:
             child._init_grad_stats(child.num_features, 2, grad_stats_ema_decay, _module_device(child))

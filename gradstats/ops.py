@@ -53,9 +53,10 @@ def as_4d(input: Tensor) -> Tensor:
     make anyway)."""
     if input.dim() == 4:
         return input
-    torch._check(
-        2 <= input.dim() <= 5, lambda: f"expected a 2-D to 5-D (N, C, ...) tensor, got {input.dim()}-D"
-    )
+    if not 2 <= input.dim() <= 5:
+        raise ValueError(
+            f"input must be a 2-D to 5-D (N, C, ...) tensor, got {input.dim()}-D with shape {tuple(input.shape)}"
+        )
     n, c = input.shape[0], input.shape[1]
     if input.dim() == 5 and input.is_contiguous(memory_format=torch.channels_last_3d):
         # (N, C, D, H, W) stored as N, D, H, W, C: D*H*W collapses into one stride-C dimension,

@@ -187,13 +187,23 @@ def test_constructor_takes_every_argument_of_torch():
             ours(4, grad_stats_ema_decay=1.5)
 
 
+SHAPES = {
+    nn.BatchNorm1d: (4, 3, 5),
+    nn.BatchNorm2d: (4, 3, 2, 2),
+    nn.BatchNorm3d: (4, 3, 2, 2, 2),
+    nn.SyncBatchNorm: (4, 3, 5),
+}
+EVERY_CLASS = pytest.mark.parametrize("torch_cls", list(SHAPES), ids=lambda c: c.__name__)
+
+
 @pytest.mark.parametrize("impl", IMPLS)
-def test_dtype_device_moves_and_state_dict_keys(impl):
+@EVERY_CLASS
+def test_dtype_device_moves_and_state_dict_keys(impl, torch_cls):
     """``.to(dtype)``, ``.half()`` and ``dtype=`` give every buffer the dtype torch gives it;
     the statistics (not a buffer) stay float64 and exact; state_dict keys are torch's."""
-    reference = nn.BatchNorm2d(3)
-    m = _cls(nn.BatchNorm2d, impl)(3)
-    m(torch.randn(4, 3, 2, 2, requires_grad=True)).sum().backward()
+    reference = torch_cls(3)
+    m = _cls(torch_cls, impl)(3)
+    m(torch.randn(SHAPES[torch_cls], requires_grad=True)).sum().backward()
     state = getattr(m, "grad_stats_state", torch.zeros(1)).clone()
     for move in (lambda t: t.to(torch.float16), lambda t: t.double(), lambda t: t.to("cpu", torch.bfloat16)):
         move(reference), move(m)
@@ -204,17 +214,18 @@ def test_dtype_device_moves_and_state_dict_keys(impl):
             (n, p.dtype) for n, p in reference.named_parameters()
         ]
         assert list(m.state_dict()) == list(reference.state_dict())
-    made = _cls(nn.BatchNorm2d, impl)(3, dtype=torch.float16)
+    made = _cls(torch_cls, impl)(3, dtype=torch.float16)
     assert {b.dtype for b in made.buffers() if b.is_floating_point()} == {torch.float16}
     if impl == "gradstats":
         assert m.grad_stats_state.dtype == torch.float64 and torch.equal(m.grad_stats_state, state)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-def test_pickle_deepcopy_and_torch_save(impl):
+@EVERY_CLASS
+def test_pickle_deepcopy_and_torch_save(impl, torch_cls):
     torch.manual_seed(0)
-    m = _cls(nn.BatchNorm2d, impl)(3)
-    m(torch.randn(4, 3, 2, 2, requires_grad=True)).sum().backward()
+    m = _cls(torch_cls, impl)(3)
+    m(torch.randn(SHAPES[torch_cls], requires_grad=True)).sum().backward()
     buffer = io.BytesIO()
     torch.save(m, buffer)
     buffer.seek(0)
@@ -250,21 +261,26 @@ class _CustomBatchNorm(nn.BatchNorm2d):
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
-def test_empty_batch_is_torch_behaviour(impl, training, channels_last):
-    """An empty batch gives an empty output and dx, zero dweight and dbias, as nn.BatchNorm2d
-    does; it records nothing (no NaN)."""
-    m = _cls(nn.BatchNorm2d, impl)(5).train(training)
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    x = torch.randn(0, 5, 2, 2).contiguous(memory_format=fmt).requires_grad_()
+@EVERY_CLASS
+def test_empty_batch_is_torch_behaviour(impl, training, channels_last, torch_cls):
+    """An empty batch gives an empty output and dx, zero dweight and dbias, as torch's layers
+    do; it records nothing (no NaN)."""
+    m = _cls(torch_cls, impl)(3).train(training)
+    shape = (0,) + SHAPES[torch_cls][1:]
+    x = torch.randn(shape)
+    if channels_last and x.dim() in (4, 5):
+        x = x.contiguous(memory_format=torch.channels_last if x.dim() == 4 else torch.channels_last_3d)
+    x.requires_grad_()
     y = m(x)
-    assert y.shape == (0, 5, 2, 2)
+    assert y.shape == shape
     y.sum().backward()
-    assert x.grad.shape == (0, 5, 2, 2)
-    assert torch.equal(m.weight.grad, torch.zeros(5)) and torch.equal(m.bias.grad, torch.zeros(5))
+    assert x.grad.shape == shape
+    assert torch.equal(m.weight.grad, torch.zeros(3)) and torch.equal(m.bias.grad, torch.zeros(3))
     if impl == "gradstats":
         assert m.last_grad_stats is None and not m.grad_stats_state.any()
-        m(torch.randn(3, 5, 2, 2, requires_grad=True)).sum().backward()  # and then records as usual
-        assert (m.last_grad_stats.grad_output.count == 12).all()
+        full = (4,) + shape[1:]
+        m(torch.randn(full, requires_grad=True)).sum().backward()  # and then records as usual
+        assert (m.last_grad_stats.grad_output.count == torch.Size(full).numel() // 3).all()
 
 
 @pytest.mark.parametrize("impl", IMPLS)

@@ -193,3 +193,25 @@ def test_layers_that_do_not_record_are_named():
         hand(torch.randn(3, 4, 2, 2, requires_grad=True)).sum().backward()
     assert hand.last_grad_stats is None
     assert timm is not None
+
+
+def test_timm_sync_batchnorm_act_records_in_one_process():
+    """timm's SyncBatchNormAct (an nn.SyncBatchNorm whose forward adds drop and activation):
+    without a process group it runs F.batch_norm, which records. (Under a multi-rank group it
+    runs torch's synchronised function, which gradstats does not intercept: it warns.)"""
+    pytest.importorskip("timm", reason="timm is an optional test dependency (pip install timm)")
+    from timm.layers import BatchNormAct2d
+    from timm.layers.norm_act import convert_sync_batchnorm
+
+    torch.manual_seed(4)
+    plain = convert_sync_batchnorm(BatchNormAct2d(4, act_layer=nn.ReLU)).double()
+    assert type(plain).__name__ == "SyncBatchNormAct"
+    ours = gradstats.convert_batchnorm(copy.deepcopy(plain))
+    x = torch.randn(3, 4, 5, 5, dtype=torch.float64)
+    xs = [x.clone().requires_grad_(), x.clone().requires_grad_()]
+    ys = [plain(xs[0]), ours(xs[1])]
+    for y in ys:
+        y.sum().backward()
+    torch.testing.assert_close(ys[1], ys[0])
+    torch.testing.assert_close(xs[1].grad, xs[0].grad)
+    assert (ys[1] >= 0).all() and ours.last_grad_stats is not None

@@ -113,3 +113,25 @@ def test_train_amp_on_cpu(tmp_path, capsys):
     assert len(records) == 2
     message = cli_error([*argv[:2], tmp_path / "other", *argv[3:], "--amp", "--dtype", "float64"], capsys)
     assert "--amp" in message and "--dtype float32" in message
+
+
+def test_tracked_scaler_under_torch_compile():
+    """A compiled model (fullgraph) records into the pending state as well: loss units."""
+    ours = gradstats.convert_batchnorm(_model())
+    twin = copy.deepcopy(ours)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    gradstats.track_grad_scaler(ours, scaler)
+    compiled = torch.compile(ours, backend="aot_eager", fullgraph=True)
+    opt_ours = torch.optim.SGD(ours.parameters(), lr=0.05)
+    opt_twin = torch.optim.SGD(twin.parameters(), lr=0.05)
+    g = torch.Generator().manual_seed(2)
+    for step in range(3):
+        x, y = torch.randn(5, 3, 8, 8, generator=g), torch.randint(0, 4, (5,), generator=g)
+        opt_ours.zero_grad()
+        scaler.scale(nn.functional.cross_entropy(compiled(x), y)).backward()
+        scaler.step(opt_ours)
+        scaler.update()
+        opt_twin.zero_grad()
+        nn.functional.cross_entropy(twin(x), y).backward()
+        opt_twin.step()
+        _assert_same_records(ours, twin, f"compiled step {step}")

@@ -55,7 +55,8 @@ def as_4d(input: Tensor) -> Tensor:
         return input
     if not 2 <= input.dim() <= 5:
         raise ValueError(
-            f"input must be a 2-D to 5-D (N, C, ...) tensor, got {input.dim()}-D with shape {tuple(input.shape)}"
+            f"input must be a 2-D to 5-D (N, C, ...) tensor, got {input.dim()}-D "
+            f"with shape {tuple(input.shape)}"
         )
     n, c = input.shape[0], input.shape[1]
     if input.dim() == 5 and input.is_contiguous(memory_format=torch.channels_last_3d):

@@ -293,6 +293,8 @@ class BatchNormRecorder(GradStatsRecorder):
         self._init_grad_stats(self.num_features, 2, grad_stats_ema_decay, _module_device(self))
 
     def forward(self, *args, **kwargs):
+        if not torch.is_grad_enabled():  # inference: nothing to record, no routing to pay for
+            return super().forward(*args, **kwargs)
         route = _RouteBatchNorm(self)
         with route:
             output = super().forward(*args, **kwargs)

@@ -1,11 +1,16 @@
 """gradstats: batch-norm backward fused with per-channel gradient statistics.
 
 Public API:
-    GradStatBatchNorm2d   drop-in nn.BatchNorm2d recording dy/dx statistics on every backward
-    GradStatSyncBatchNorm2d  the same over a process group's global batch (nn.SyncBatchNorm)
-    convert_sync_batchnorm   replace BN layers by GradStatSyncBatchNorm2d
+    GradStatBatchNorm1d/2d/3d  drop-in nn.BatchNorm1d/2d/3d recording dy/dx statistics
+    GradStatSyncBatchNorm  the same over a process group's global batch (nn.SyncBatchNorm)
+    GradStatSyncBatchNorm2d  an nn.BatchNorm2d doing the same (DDP accepts it on CPU)
+    convert_sync_batchnorm   make BatchNorm2d layers GradStatSyncBatchNorm2d, in place
+    recording_class       the recording class of any batch-norm class
     GradProbe             identity recording the statistics of the gradient through it
-    convert_batchnorm     replace a model's nn.BatchNorm2d layers by GradStatBatchNorm2d
+    convert_batchnorm     make every batch-norm layer of a model record, in place
+    grad_stats_state_dict, load_grad_stats_state_dict  save / restore the statistics
+    all_reduce_grad_stats merge every rank's statistics into those of the global batch
+    track_grad_scaler     statistics in loss units under a GradScaler; skipped steps left out
     instrument            convert_batchnorm + probes at the outputs of residual blocks
     probes, batchnorms    the recording modules of a model, in order
     first_nonfinite       where NaN/Inf gradients first appeared in the last backward
@@ -16,20 +21,34 @@ Public API:
 """
 
 from . import nn  # noqa: F401, I001  (transitional, see nn.py; not public API)
-from .convert import batchnorms, convert_batchnorm, instrument, plain_state_dict, probes
+from .amp import track_grad_scaler
+from .convert import (
+    batchnorms,
+    convert_batchnorm,
+    grad_stats_state_dict,
+    instrument,
+    load_grad_stats_state_dict,
+    plain_state_dict,
+    probes,
+)
+from .distributed import all_reduce_grad_stats
+from .modules import GradProbe, GradStatBatchNorm1d, GradStatBatchNorm2d, GradStatBatchNorm3d, recording_class
 from .records import metrics
-from .modules import GradProbe, GradStatBatchNorm2d
 from .nonfinite import first_nonfinite
 from .ops import bn_backward_stats, channel_moments, cpu_capability, cuda_kernels_built
 from .stats import ChannelStats, GradStats
-from .syncbn import GradStatSyncBatchNorm2d, convert_sync_batchnorm
+from .syncbn import GradStatSyncBatchNorm, GradStatSyncBatchNorm2d, convert_sync_batchnorm
 
 __all__ = [
     "ChannelStats",
     "GradProbe",
+    "GradStatBatchNorm1d",
     "GradStatBatchNorm2d",
+    "GradStatBatchNorm3d",
+    "GradStatSyncBatchNorm",
     "GradStatSyncBatchNorm2d",
     "GradStats",
+    "all_reduce_grad_stats",
     "batchnorms",
     "bn_backward_stats",
     "channel_moments",
@@ -38,10 +57,14 @@ __all__ = [
     "cpu_capability",
     "cuda_kernels_built",
     "first_nonfinite",
+    "grad_stats_state_dict",
     "instrument",
+    "load_grad_stats_state_dict",
     "metrics",
     "plain_state_dict",
     "probes",
+    "recording_class",
+    "track_grad_scaler",
 ]
 
 __version__ = "0.1.0"

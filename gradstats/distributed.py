@@ -1,6 +1,11 @@
 """Gradient statistics across the ranks of a process group: every rank's accumulated statistics
-merged in one collective (gather_stats), moved into rank 0's state (consolidate), and rescaled
-when a run resumes with another number of processes (resume_units).
+merged in one collective (gather_stats), every layer's statistics replaced by the global batch's
+on every rank (all_reduce_grad_stats, the public call for users' own DDP loops), moved into rank
+0's state (consolidate), and rescaled when a run resumes with another number of processes
+(resume_units).
+
+The statistics state is not a buffer, so DistributedDataParallel (default arguments) leaves it
+alone: each rank records the gradients of its own local batches until one of these merges it.
 
 Units. Each rank's loss is the mean over its own B samples, so every gradient a rank records
 (dy, dx, block gradients) is world_size times the gradient of the global mean loss over the W*B
@@ -14,12 +19,20 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-from torch import Tensor
+from torch import Tensor, nn
 
 from .modules import GradStatsRecorder
-from .stats import ROW_M2, ROW_MEAN, SLOT_ACCUMULATED, merge_moments
+from .stats import ROW_M2, ROW_MEAN, SLOT_ACCUMULATED, SLOT_LAST, merge_moments
 
-__all__ = ["all_gather_stacked", "gather_stats", "consolidate", "resume_units", "scale_moments", "world"]
+__all__ = [
+    "all_gather_stacked",
+    "all_reduce_grad_stats",
+    "gather_stats",
+    "consolidate",
+    "resume_units",
+    "scale_moments",
+    "world",
+]
 
 
 def world(group=None) -> tuple[int, int]:
@@ -46,10 +59,15 @@ def scale_moments(moments: Tensor, factor: float) -> Tensor:
     return moments
 
 
-def _gather(modules: list[GradStatsRecorder], extra: Tensor, group) -> Tensor:
-    """[world_size, L]: every rank's accumulated slots, flattened and concatenated, then its
-    ``extra`` values; one collective."""
-    parts = [m.grad_stats_state[SLOT_ACCUMULATED].reshape(-1) for m in modules]
+def _gather(
+    modules: list[GradStatsRecorder],
+    extra: Tensor,
+    group,
+    slots=slice(SLOT_ACCUMULATED, SLOT_ACCUMULATED + 1),
+) -> Tensor:
+    """[world_size, L]: every rank's ``slots`` of every module's state (the accumulated slot by
+    default), flattened and concatenated, then its ``extra`` values; one collective."""
+    parts = [m.grad_stats_state[slots].reshape(-1) for m in modules]
     local = torch.cat(parts + [extra.reshape(-1).to(torch.float64)])
     _, world_size = world(group)
     if world_size == 1:
@@ -57,16 +75,20 @@ def _gather(modules: list[GradStatsRecorder], extra: Tensor, group) -> Tensor:
     return all_gather_stacked(local, world_size, group)
 
 
-def _split(gathered: Tensor, modules: list[GradStatsRecorder]):
-    """Per module, its slots from every rank [world_size, G, rows, C]; then the extras."""
+def _split(
+    gathered: Tensor, modules: list[GradStatsRecorder], slots=slice(SLOT_ACCUMULATED, SLOT_ACCUMULATED + 1)
+):
+    """Per module, its slots from every rank [world_size, *slots shape]; then the extras."""
     offset = 0
-    slots = []
+    result = []
     for m in modules:
-        shape = m.grad_stats_state.shape[1:]
+        shape = m.grad_stats_state[slots].shape
+        if shape[0] == 1:
+            shape = shape[1:]
         size = shape.numel()
-        slots.append(gathered[:, offset : offset + size].reshape(-1, *shape))
+        result.append(gathered[:, offset : offset + size].reshape(-1, *shape))
         offset += size
-    return slots, gathered[:, offset:]
+    return result, gathered[:, offset:]
 
 
 def gather_stats(modules: list[GradStatsRecorder], extra: Tensor, group=None) -> tuple[list[Tensor], Tensor]:
@@ -116,3 +138,25 @@ def resume_units(modules: list[GradStatsRecorder], saved_world_size: int, world_
         with torch.no_grad():
             for m in modules:
                 scale_moments(m.grad_stats_state[SLOT_ACCUMULATED], world_size / saved_world_size)
+
+
+def all_reduce_grad_stats(model: nn.Module, group=None) -> None:
+    """Replaces, on every rank, the statistics of every recording module of ``model`` (last,
+    accumulated and moving average) by those of the global batch: every rank's merged (Chan
+    merge) and expressed in the units of the global mean loss (1/world_size of each rank's: see
+    the module docstring). One collective; every rank of ``group`` must call it, e.g. before
+    reading or logging the statistics. In one process it changes nothing. With per-rank
+    BatchNorm each rank normalised its own batch: dy and dx are then the gradients DDP
+    computed, which one process on the global batch reproduces exactly for SyncBatchNorm models
+    or eval-mode layers."""
+    modules = [m for m in model.modules() if isinstance(m, GradStatsRecorder)]
+    _, world_size = world(group)
+    if world_size == 1 or not modules:
+        return
+    every = slice(SLOT_LAST, None)
+    empty = modules[0].grad_stats_state.new_empty(0)
+    per_module, _ = _split(_gather(modules, empty, group, every), modules, every)
+    with torch.no_grad():
+        for m, per_rank in zip(modules, per_module):
+            merged = merge_moments(list(per_rank.unbind(0)))
+            m.grad_stats_state.copy_(scale_moments(merged, 1.0 / world_size))

@@ -1,25 +1,56 @@
-"""The modules that record gradient statistics: GradStatBatchNorm2d (a drop-in nn.BatchNorm2d
-whose backward runs the fused kernel), GradProbe (an identity that measures the gradient through
-it), GradStatsRecorder (the statistics buffer and its rules, which both share) and the autograd
-function behind GradStatBatchNorm2d."""
+"""The modules that record gradient statistics.
+
+How a batch-norm layer records. Recording happens at the level of the batch-norm function, keyed
+by module: a recording class is the original class (nn.BatchNorm1d/2d/3d, nn.SyncBatchNorm,
+timm's BatchNormAct2d, any subclass whose forward calls ``F.batch_norm``) with one mixin,
+BatchNormRecorder, in front. Its forward runs the original class's forward unchanged, inside a
+torch-function mode (_RouteBatchNorm) that hands the ``F.batch_norm`` call made with this
+module's weight, bias and running statistics to _BatchNormWithGradStats: PyTorch's own forward,
+and a backward through the fused gradstats kernel that folds the statistics of dy and dx into the
+module's state. Everything else in the forward (activation, dropout, argument checks,
+num_batches_tracked, hooks) is the original code, so a new batch-norm subclass needs no new code
+here. recording_class(cls) creates that class once per original class (cached);
+GradStatBatchNorm1d/2d/3d are the recording classes of torch's, constructible with every
+argument torch's constructor takes, plus the keyword ``grad_stats_ema_decay``.
+gradstats.convert_batchnorm swaps a module's ``__class__`` to its recording class, so the module
+object, its parameters, buffers, hooks and training flag are the user's own.
+
+The mode is traced by torch.compile like the rest of the forward (fullgraph, no graph breaks, no
+host synchronisation). Calls the recording path cannot serve are left to ``F.batch_norm`` itself
+and record nothing: no gradient required, an empty batch, inputs under a torch.func transform
+(vmap, grad, jacrev: functorch-wrapped tensors), arguments F.batch_norm refuses (its error is
+the user's error).
+
+The statistics state (see gradstats.stats) is a plain tensor attribute, ``grad_stats_state``,
+not a buffer: DistributedDataParallel does not broadcast it (each rank records its own batches)
+and ``state_dict()`` has exactly the keys of the original class. ``.to()``/``.cuda()`` move it
+(it stays float64 and contiguous whatever dtype or memory format the module takes).
+``gradstats.grad_stats_state_dict(model)`` / ``load_grad_stats_state_dict`` save and restore it; a
+state_dict from gradstats 0.1 holding a ``grad_stats_state`` key still loads (the key is consumed
+and restores the statistics).
+
+GradProbe is an identity that measures the gradient through it, with the same state and records.
+"""
 
 from __future__ import annotations
 
 import itertools
+import warnings
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
 
-from . import ops  # noqa: F401  (registers torch.ops.gradstats)
+from . import ops
 from .reference import bn_backward_formula
 from .stats import SLOT_ACCUMULATED, SLOT_EMA, SLOT_LAST, ChannelStats, GradStats, new_state
 
-STATE_BUFFER = "grad_stats_state"
+STATE_BUFFER = "grad_stats_state"  # the attribute name, and the state_dict key of gradstats 0.1
 
 
 def is_state_key(name: str) -> bool:
-    """Whether a state_dict key or buffer name is a gradstats statistics buffer."""
+    """Whether a state_dict key is a gradstats statistics entry (``...grad_stats_state``)."""
     return name == STATE_BUFFER or name.endswith("." + STATE_BUFFER)
 
 
@@ -28,9 +59,9 @@ def is_state_key(name: str) -> bool:
 _backward_clock = itertools.count(1)
 
 
-class _BatchNorm2dWithGradStats(torch.autograd.Function):
+class _BatchNormWithGradStats(torch.autograd.Function):
     """PyTorch's own batch-norm forward; backward through gradstats::bn_backward_stats, whose
-    statistics are folded into the module's state buffer in place (no host synchronisation).
+    statistics are folded into the module's state tensor in place (no host synchronisation).
 
     The state is handed over as a ctx attribute, not saved with save_for_backward: saved tensors
     are version-checked, and the state legitimately changes between forward and backward when a
@@ -66,11 +97,11 @@ class _BatchNorm2dWithGradStats(torch.autograd.Function):
             # fused op still measures the statistics.
             grads = _differentiable_grads(ctx, grad_output, input, weight, bias, mean, invstd)
             with torch.no_grad():
-                stats = torch.ops.gradstats.bn_backward_stats(
+                stats = ops.bn_backward_stats(
                     grad_output, input, weight, mean, invstd, ctx.use_batch_stats, False
                 )[3]
         else:
-            grad_input, grad_weight, grad_bias, stats = torch.ops.gradstats.bn_backward_stats(
+            grad_input, grad_weight, grad_bias, stats = ops.bn_backward_stats(
                 grad_output, input, weight, mean, invstd, ctx.use_batch_stats, needs[0]
             )
             grads = (
@@ -102,12 +133,16 @@ def _differentiable_grads(ctx, grad_output, input, weight, bias, mean, invstd):
 
 
 class GradStatsRecorder:
-    """What every recording module shares: the ``grad_stats_state`` buffer (see gradstats.stats),
+    """What every recording module shares: the ``grad_stats_state`` tensor (see gradstats.stats),
     the records read from it, and the rules that keep it exact: it stays float64 and contiguous
-    whatever ``.half()`` or ``.to(memory_format=...)`` do to the rest of the model, and a
-    state_dict without it (a plain model's) loads without touching it."""
+    whatever ``.half()`` or ``.to(memory_format=...)`` do to the rest of the model, follows the
+    module's device, and is not part of ``state_dict()`` (see the module docstring)."""
 
     grad_stats_state: Tensor
+    # Where backward passes record: the state itself, or a pending state while a GradScaler is
+    # tracked (gradstats.amp commits it at the scaler's update).
+    _grad_stats_pending: Tensor | None = None
+    _grad_stats_skipped: Tensor | None = None
     # When this module's backward last ran, on _backward_clock; 0 if it never ran eagerly
     # (a compiled graph runs no Python hooks at backward time).
     _backward_seq: int = 0
@@ -133,7 +168,13 @@ class GradStatsRecorder:
         if not 0.0 <= ema_decay <= 1.0:
             raise ValueError(f"grad_stats_ema_decay must be in [0, 1], got {ema_decay}")
         self.grad_stats_ema_decay = float(ema_decay)
-        self.register_buffer(STATE_BUFFER, new_state(num_channels, gradients, device=device))
+        self.grad_stats_state = new_state(num_channels, gradients, device=device)
+
+    @property
+    def _record_target(self) -> Tensor:
+        """The state tensor backward passes fold their statistics into."""
+        pending = self._grad_stats_pending
+        return self.grad_stats_state if pending is None else pending
 
     @property
     def last_grad_stats(self) -> GradStats | None:
@@ -151,139 +192,278 @@ class GradStatsRecorder:
         grad_stats_ema_decay."""
         return GradStats.from_slot(self.grad_stats_state[SLOT_EMA])
 
+    @property
+    def grad_stats_skipped_steps(self) -> int:
+        """Optimizer steps a tracked GradScaler skipped (inf/NaN gradients) whose statistics
+        were left out of the accumulated and moving-average ones (gradstats.track_grad_scaler);
+        0 when no scaler is tracked."""
+        skipped = self._grad_stats_skipped
+        return 0 if skipped is None else int(skipped.item())
+
     def reset_grad_stats(self) -> None:
         """Empties the accumulated and moving-average statistics (last_grad_stats is kept)."""
         with torch.no_grad():
             self.grad_stats_state[SLOT_ACCUMULATED:].zero_()
+            if self._grad_stats_pending is not None:
+                self._grad_stats_pending.zero_()
+            if self._grad_stats_skipped is not None:
+                self._grad_stats_skipped.zero_()
 
     def _load_from_state_dict(
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
     ):
-        key = prefix + STATE_BUFFER
-        if key not in state_dict:  # e.g. an nn.BatchNorm2d state_dict: keep the statistics
-            state_dict = dict(state_dict)
-            state_dict[key] = self.grad_stats_state
+        # gradstats 0.1 saved the statistics as a buffer: consume that key and restore them.
+        saved = state_dict.pop(prefix + STATE_BUFFER, None)
+        if saved is not None:
+            if saved.shape != self.grad_stats_state.shape:
+                error_msgs.append(
+                    f"size mismatch for {prefix + STATE_BUFFER}: copying a param with shape "
+                    f"{tuple(saved.shape)} from checkpoint, the shape in current model is "
+                    f"{tuple(self.grad_stats_state.shape)}."
+                )
+            else:
+                with torch.no_grad():
+                    self.grad_stats_state.copy_(saved)
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
 
     def _apply(self, fn, recurse=True):
+        result = super()._apply(fn, recurse)
         # Statistics are float64 counts and sums in a fixed layout: follow device moves only.
-        state = self._buffers.pop(STATE_BUFFER)
-        try:
-            result = super()._apply(fn, recurse)
-        finally:
+        for name in (STATE_BUFFER, "_grad_stats_pending", "_grad_stats_skipped"):
+            state = self.__dict__.get(name)
+            if state is None:
+                continue
             moved = fn(state)
             if moved.dtype != torch.float64 or not moved.is_contiguous():
                 moved = state.to(device=moved.device)
-            self._buffers[STATE_BUFFER] = moved
+            self.__dict__[name] = moved
         return result
 
 
-class GradStatBatchNorm2d(GradStatsRecorder, nn.BatchNorm2d):
-    """nn.BatchNorm2d that records per-channel statistics of its gradients.
+# -- routing F.batch_norm to the recording function ------------------------------------------------
 
-    Same constructor arguments, forward numerics, parameters and state_dict keys as
-    nn.BatchNorm2d, plus one buffer, ``grad_stats_state`` (see gradstats.stats). Every backward
-    pass runs the fused gradstats kernel, which also measures mean and variance per channel of
-    the gradient arriving at the layer (grad_output, dy) and of the one it sends on (grad_input,
-    dx), in the passes over memory the backward makes anyway.
 
-    Read them with ``last_grad_stats`` (the last backward), ``accumulated_grad_stats`` (every
-    backward since construction or ``reset_grad_stats()``) and ``ema_grad_stats`` (an exponential
-    moving average: each backward down-weights earlier data by ``grad_stats_ema_decay``). Each
-    is None until a backward has run. Statistics stay on the module's device in float64; reading
-    them synchronises once with the device, recording never does.
+def _functorch_wrapped(*tensors) -> bool:
+    """Whether any tensor is wrapped by a torch.func transform (vmap, grad, jvp, ...)."""
+    if torch.compiler.is_compiling():
+        return False
+    return any(t is not None and torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors)
 
-    Args beyond nn.BatchNorm2d's:
-        grad_stats_ema_decay: weight kept by earlier data at each backward in ema_grad_stats, in
-            [0, 1]; 0 makes it the last backward, 1 the accumulated statistics.
-    """
 
-    def __init__(
-        self,
-        num_features: int,
-        eps: float = 1e-5,
-        momentum: float | None = 0.1,
-        affine: bool = True,
-        track_running_stats: bool = True,
-        device=None,
-        dtype=None,
-        *,
-        grad_stats_ema_decay: float = 0.9,
-    ) -> None:
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
-        self._init_grad_stats(num_features, 2, grad_stats_ema_decay, device)
+def _batch_norm_arguments(
+    input, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1, eps=1e-5
+):
+    return input, running_mean, running_var, weight, bias, training, momentum, eps
 
-    # -- forward: nn.BatchNorm2d's, step for step ------------------------------------------
-    def _start_forward(self, input: Tensor) -> float:
-        """Checks input, counts the batch (training) and returns the running statistics'
-        exponential average factor, as nn.BatchNorm2d.forward does."""
-        self._check_input_dim(input)
-        if input.size(1) != self.num_features:
-            # aten::native_batch_norm, which the recording path calls, does not check this.
-            raise RuntimeError(
-                f"{type(self).__name__}({self.num_features}): expected input with "
-                f"{self.num_features} channels (dim 1), got shape {tuple(input.shape)}"
-            )
-        factor = 0.0 if self.momentum is None else self.momentum
-        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
-            self.num_batches_tracked.add_(1)
-            if self.momentum is None:  # cumulative moving average
-                factor = 1.0 / float(self.num_batches_tracked)
-        return factor
 
-    def forward(self, input: Tensor) -> Tensor:
-        exponential_average_factor = self._start_forward(input)
-        use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
-        keep_running = not self.training or self.track_running_stats
-        running_mean = self.running_mean if keep_running else None
-        running_var = self.running_var if keep_running else None
+class _RouteBatchNorm(TorchFunctionMode):
+    """Active during one recording module's forward: its ``F.batch_norm`` call (the first one
+    made with the module's weight, bias and running statistics, or None where the module has
+    none) runs the recording function; every other call runs unchanged."""
 
+    def __init__(self, module: BatchNormRecorder) -> None:
+        super().__init__()
+        self.module = module
+        self.claimed = False
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.batch_norm and not self.claimed:
+            arguments = _batch_norm_arguments(*args, **kwargs)
+            if self._is_mine(*arguments):
+                self.claimed = True
+                return self.module._recording_batch_norm(func, args, kwargs, *arguments)
+        return func(*args, **kwargs)
+
+    def _is_mine(self, input, running_mean, running_var, weight, bias, *_) -> bool:
+        m = self.module
+        return (
+            weight is m.weight
+            and bias is m.bias
+            and (running_mean is None or running_mean is m.running_mean)
+            and (running_var is None or running_var is m.running_var)
+        )
+
+
+class BatchNormRecorder(GradStatsRecorder):
+    """The mixin that makes a batch-norm class record: see the module docstring. Put in front of
+    the original class by recording_class(); not used alone."""
+
+    def __init__(self, *args, grad_stats_ema_decay: float = 0.9, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._init_grad_stats(self.num_features, 2, grad_stats_ema_decay, _module_device(self))
+
+    def forward(self, *args, **kwargs):
+        if not torch.is_grad_enabled():  # inference: nothing to record, no routing to pay for
+            return super().forward(*args, **kwargs)
+        route = _RouteBatchNorm(self)
+        with route:
+            output = super().forward(*args, **kwargs)
+        if not route.claimed and not torch.compiler.is_compiling():
+            _warn_not_recording(type(self))
+        return output
+
+    def _recording_batch_norm(
+        self, func, args, kwargs, input, running_mean, running_var, weight, bias, training, momentum, eps
+    ):
+        """F.batch_norm(*args, **kwargs), recording the backward where it can (see the module
+        docstring for the calls left to F.batch_norm itself)."""
         needs_grad = torch.is_grad_enabled() and (
             input.requires_grad
-            or (self.weight is not None and self.weight.requires_grad)
-            or (self.bias is not None and self.bias.requires_grad)
+            or (weight is not None and weight.requires_grad)
+            or (bias is not None and bias.requires_grad)
         )
-        if not needs_grad:  # nothing to record: exactly nn.BatchNorm2d
-            return F.batch_norm(
-                input,
-                running_mean,
-                running_var,
-                self.weight,
-                self.bias,
-                use_batch_stats,
-                exponential_average_factor,
-                self.eps,
-            )
-        if use_batch_stats:
-            # The same check and message as F.batch_norm.
+        channels = input.size(1) if input.dim() >= 2 else -1
+        if (
+            not needs_grad
+            or not 2 <= input.dim() <= 5
+            or input.numel() == 0
+            or any(t is not None and t.numel() != channels for t in (running_mean, running_var, weight, bias))
+            or (weight is not None and not _params_fit(input, weight))
+            or _functorch_wrapped(input, weight, bias, running_mean, running_var)
+        ):
+            return func(*args, **kwargs)
+        # F.batch_norm's own checks, with its error types and messages.
+        if training:
             size = input.size()
-            if size[0] * size[2] * size[3] == 1:
+            values = size[0]
+            for extent in size[2:]:
+                values *= extent
+            if values == 1:
                 raise ValueError(
                     f"Expected more than 1 value per channel when training, got input size {size}"
                 )
+            if eps <= 0.0:
+                raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
+        elif eps < 0.0:
+            raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
         return self._watch_backward(
-            _BatchNorm2dWithGradStats.apply(
+            _BatchNormWithGradStats.apply(
                 input,
-                self.weight,
-                self.bias,
+                weight,
+                bias,
                 running_mean,
                 running_var,
-                self.grad_stats_state,
-                use_batch_stats,
-                exponential_average_factor,
-                self.eps,
+                self._record_target,
+                training,
+                momentum,
+                eps,
                 self.grad_stats_ema_decay,
             )
         )
 
-    def extra_repr(self) -> str:
-        return super().extra_repr() + f", grad_stats_ema_decay={self.grad_stats_ema_decay}"
+    def __reduce_ex__(self, protocol):
+        # A class recording_class created at run time (e.g. for timm's BatchNormAct2d) cannot be
+        # found by name: pickle it as "the recording class of <original class>".
+        if type(self).__dict__.get("_grad_stats_created", False):
+            return (_new_recording_module, (self._grad_stats_original_class,), self.__dict__.copy())
+        return super().__reduce_ex__(protocol)
+
+
+_WARNED: set[type] = set()
+
+
+def _warn_not_recording(cls: type) -> None:
+    """Once per class: a converted layer whose forward made no F.batch_norm call with its own
+    parameters and running statistics (a custom computation) records nothing."""
+    if cls not in _WARNED:
+        _WARNED.add(cls)
+        original = cls._grad_stats_original_class
+        warnings.warn(
+            f"gradstats: {original.__module__}.{original.__qualname__}.forward made no F.batch_norm "
+            "call with the layer's own weight, bias and running statistics, so this layer records no "
+            "gradient statistics (gradstats records the F.batch_norm call of a batch-norm layer)",
+            stacklevel=3,
+        )
+
+
+def _params_fit(input: Tensor, weight: Tensor) -> bool:
+    """Dtype combinations the native forward accepts as F.batch_norm does: the input's dtype,
+    or float32 parameters with a reduced-precision input (autocast)."""
+    return weight.dtype == input.dtype or (
+        weight.dtype == torch.float32 and input.dtype in (torch.float16, torch.bfloat16)
+    )
+
+
+def _module_device(module: nn.Module):
+    for tensor in itertools.chain(module.parameters(recurse=False), module.buffers(recurse=False)):
+        return tensor.device
+    return None
+
+
+_RECORDING_CLASSES: dict[type, type] = {}
+
+
+def recording_class(cls: type) -> type:
+    """The recording class of a batch-norm class ``cls`` (created once, cached): ``cls`` with
+    BatchNormRecorder in front, named ``GradStat<cls name>``. A recording class is its own."""
+    if issubclass(cls, BatchNormRecorder):
+        return cls
+    found = _RECORDING_CLASSES.get(cls)
+    if found is None:
+        name = "GradStat" + cls.__name__
+        found = type(
+            name,
+            (BatchNormRecorder, cls),
+            {
+                "__module__": cls.__module__,
+                "__qualname__": name,
+                "__doc__": f"{cls.__name__} that records dy/dx statistics (gradstats.recording_class).",
+                "_grad_stats_original_class": cls,
+                "_grad_stats_created": True,
+            },
+        )
+        _RECORDING_CLASSES[cls] = found
+    return found
+
+
+def _register(cls: type) -> type:
+    original = next(base for base in cls.__bases__ if base is not BatchNormRecorder)
+    cls._grad_stats_original_class = original
+    _RECORDING_CLASSES[original] = cls
+    return cls
+
+
+def _new_recording_module(original: type) -> nn.Module:
+    cls = recording_class(original)
+    return cls.__new__(cls)
+
+
+_CLASS_DOC = """{torch_name} that records per-channel statistics of its gradients.
+
+    Constructed with every argument {torch_name} takes (passed on unchanged), plus the keyword
+    ``grad_stats_ema_decay``; same forward (PyTorch's own kernel), gradients, running statistics,
+    argument checks, repr, state_dict keys and dtype/device behaviour. Every backward runs the
+    fused gradstats kernel, which also measures mean and variance per channel of the gradient
+    arriving at the layer (grad_output, dy) and of the one it sends on (grad_input, dx).
+
+    Read them with ``last_grad_stats`` (the last backward), ``accumulated_grad_stats`` (every
+    backward since construction or ``reset_grad_stats()``) and ``ema_grad_stats`` (an exponential
+    moving average: each backward down-weights earlier data by ``grad_stats_ema_decay``, in [0,
+    1]). Each is None until a backward has run. Statistics stay on the module's device in
+    float64; reading them synchronises once with the device, recording never does.
+    """
+
+
+@_register
+class GradStatBatchNorm1d(BatchNormRecorder, nn.BatchNorm1d):
+    __doc__ = _CLASS_DOC.format(torch_name="nn.BatchNorm1d")
+
+
+@_register
+class GradStatBatchNorm2d(BatchNormRecorder, nn.BatchNorm2d):
+    __doc__ = _CLASS_DOC.format(torch_name="nn.BatchNorm2d")
+
+
+@_register
+class GradStatBatchNorm3d(BatchNormRecorder, nn.BatchNorm3d):
+    __doc__ = _CLASS_DOC.format(torch_name="nn.BatchNorm3d")
 
 
 class GradProbe(GradStatsRecorder, nn.Module):
-    """An identity on (N, C, H, W) or (N, C) tensors that records per-channel statistics of the
+    """An identity on (N, C, ...) or (N, C) tensors that records per-channel statistics of the
     gradient flowing back through it: ``last_grad_stats``, ``accumulated_grad_stats``,
     ``ema_grad_stats`` and ``reset_grad_stats()`` as on GradStatBatchNorm2d (grad_output and
     grad_input are the same record, since the gradient passes unchanged).
@@ -337,9 +517,11 @@ class GradProbe(GradStatsRecorder, nn.Module):
 
     def _record(self, grad: Tensor) -> None:
         self._note_backward()
+        if grad.numel() == 0:
+            return  # an empty batch: nothing to record
         stats = torch.ops.gradstats.channel_moments(grad.detach())
         torch.ops.gradstats.record_grad_stats_(
-            self.grad_stats_state, stats.unsqueeze(0), self.grad_stats_ema_decay
+            self._record_target, stats.unsqueeze(0), self.grad_stats_ema_decay
         )
 
     def extra_repr(self) -> str:

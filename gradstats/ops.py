@@ -35,12 +35,33 @@ from .reference import bn_backward_formula
 from .stats import ROWS
 
 __all__ = [
+    "as_4d",
     "bn_backward_stats",
     "channel_moments",
     "record_grad_stats_",
     "cuda_kernels_built",
     "cpu_capability",
 ]
+
+
+def as_4d(input: Tensor) -> Tensor:
+    """An (N, C, ...) tensor of 2 to 5 dimensions as the 4-D (N, C, L, 1) tensor the kernels take
+    (L the product of the trailing sizes): a view, without a copy, of contiguous and
+    channels_last / channels_last_3d tensors (a copy for other strides, as the kernels would
+    make anyway)."""
+    if input.dim() == 4:
+        return input
+    if not 2 <= input.dim() <= 5:
+        raise ValueError(
+            f"input must be a 2-D to 5-D (N, C, ...) tensor, got {input.dim()}-D "
+            f"with shape {tuple(input.shape)}"
+        )
+    n, c = input.shape[0], input.shape[1]
+    if input.dim() == 5 and input.is_contiguous(memory_format=torch.channels_last_3d):
+        # (N, C, D, H, W) stored as N, D, H, W, C: D*H*W collapses into one stride-C dimension,
+        # which as (N, C, L, 1) is channels_last.
+        return input.permute(0, 2, 3, 4, 1).reshape(n, -1, 1, c).permute(0, 3, 1, 2)
+    return input.reshape(n, c, -1, 1)
 
 
 def bn_backward_stats(
@@ -54,14 +75,29 @@ def bn_backward_stats(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Batch-norm backward fused with per-channel statistics of grad_output and grad_input.
 
-    Returns (grad_input, grad_weight, grad_bias, stats); stats is [2, 4, C] float64, stats[0]
-    describing grad_output and stats[1] grad_input, rows (count, mean, M2, nonfinite): the moments
-    of the finite values and the number of NaN/infinite ones. The full contract is
+    Takes (N, C), (N, C, L), (N, C, H, W) and (N, C, D, H, W) inputs: the operator itself is
+    4-D, and other ranks reach it as (N, C, L, 1) views (see as_4d); grad_input has input's
+    shape. Returns (grad_input, grad_weight, grad_bias, stats); stats is [2, 4, C] float64,
+    stats[0] describing grad_output and stats[1] grad_input, rows (count, mean, M2, nonfinite):
+    the moments of the finite values and the number of NaN/infinite ones. The full contract is
     at the schema in csrc/ops.cpp.
     """
-    return torch.ops.gradstats.bn_backward_stats.default(
-        grad_output, input, weight, mean, invstd, training, grad_input_mask
+    grad_input, grad_weight, grad_bias, stats = torch.ops.gradstats.bn_backward_stats.default(
+        as_4d(grad_output), as_4d(input), weight, mean, invstd, training, grad_input_mask
     )
+    if grad_input_mask and input.dim() != 4:
+        grad_input = _from_4d(grad_input, input)
+    return grad_input, grad_weight, grad_bias, stats
+
+
+def _from_4d(values: Tensor, like: Tensor) -> Tensor:
+    """The inverse of as_4d: a (N, C, L, 1) result in the shape (and, for views, layout) of
+    ``like``."""
+    if like.dim() == 5 and like.is_contiguous(memory_format=torch.channels_last_3d):
+        n, c = like.shape[0], like.shape[1]
+        spatial = like.shape[2:]
+        return values.permute(0, 2, 3, 1).reshape(n, *spatial, c).permute(0, 4, 1, 2, 3)
+    return values.reshape(like.shape)
 
 
 def record_grad_stats_(state: Tensor, stats: Tensor, ema_decay: float) -> None:
@@ -70,9 +106,9 @@ def record_grad_stats_(state: Tensor, stats: Tensor, ema_decay: float) -> None:
 
 
 def channel_moments(input: Tensor) -> Tensor:
-    """[4, C] float64 (count, mean, M2, nonfinite) per channel of an (N, C, H, W) or (N, C)
-    tensor; count, mean and M2 describe its finite values."""
-    return torch.ops.gradstats.channel_moments.default(input)
+    """[4, C] float64 (count, mean, M2, nonfinite) per channel of an (N, C, ...) tensor of 2 to 5
+    dimensions; count, mean and M2 describe its finite values."""
+    return torch.ops.gradstats.channel_moments.default(input if input.dim() == 2 else as_4d(input))
 
 
 def cuda_kernels_built() -> bool:
@@ -191,3 +227,48 @@ def _backward(ctx, grad_grad_input, grad_grad_weight, grad_grad_bias, _grad_stat
 
 
 torch.library.register_autograd("gradstats::bn_backward_stats", _backward, setup_context=_setup_context)
+
+
+# -- torch.func (vmap) ------------------------------------------------------------------------------
+# Batching rules, so that the ops run under torch.func.vmap, e.g. in gradcheck's batched-gradient
+# check (a vmap over the backward's grad_output). The computing ops loop over the batch dimension
+# (one call per element, results stacked): correct for any in_dims, at the cost of B calls.
+# Recording under vmap records nothing: a vmapped backward computes many vector-Jacobian
+# products at once (gradcheck, Jacobians, per-sample gradients), none of which is the training
+# step's backward, so the module's statistics are left as they are.
+
+
+def _vmap_loop(op):
+    def rule(info, in_dims, *args):
+        outputs = []
+        for index in range(info.batch_size):
+            sliced = [
+                arg.select(dim, index) if dim is not None and isinstance(arg, Tensor) else arg
+                for arg, dim in zip(args, in_dims)
+            ]
+            outputs.append(op(*sliced))
+        if isinstance(outputs[0], tuple):
+            stacked = tuple(torch.stack(parts) for parts in zip(*outputs))
+            return stacked, (0,) * len(stacked)
+        return torch.stack(outputs), 0
+
+    return rule
+
+
+def _record_vmap(info, in_dims, state, stats, ema_decay):
+    return None, None
+
+
+torch.library.register_vmap(
+    "gradstats::bn_backward_stats", _vmap_loop(torch.ops.gradstats.bn_backward_stats.default)
+)
+torch.library.register_vmap(
+    "gradstats::channel_moments", _vmap_loop(torch.ops.gradstats.channel_moments.default)
+)
+torch.library.register_vmap("gradstats::record_grad_stats_", _record_vmap)
+# autograd.grad(..., is_grads_batched=True), which gradcheck's batched-gradient check uses, runs
+# the backward under the older batching mechanism (dispatch key "Batched"): its generic fallback
+# loops over the batch for the computing ops, but not for an in-place op; recording is skipped
+# there for the same reason.
+_batched = torch.library.Library("gradstats", "IMPL")
+_batched.impl("record_grad_stats_", lambda state, stats, ema_decay: None, "Batched")

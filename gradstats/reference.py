@@ -11,12 +11,15 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-_REDUCE_DIMS = (0, 2, 3)  # N, H, W: everything but the channel
+
+def _reduce_dims(like: Tensor) -> tuple[int, ...]:
+    """Every dimension but the channel (dim 1) of an (N, C, ...) tensor: N, then L or H, W or D, H, W."""
+    return (0, *range(2, like.dim()))
 
 
-def _per_channel(t: Tensor) -> Tensor:
-    """[C] -> [1, C, 1, 1], to broadcast against (N, C, H, W)."""
-    return t.reshape(1, -1, 1, 1)
+def _per_channel(t: Tensor, like: Tensor) -> Tensor:
+    """[C] -> [1, C, 1, ...], to broadcast against the (N, C, ...) tensor ``like``."""
+    return t.reshape(1, -1, *([1] * (like.dim() - 2)))
 
 
 def bn_backward_sums(
@@ -25,8 +28,9 @@ def bn_backward_sums(
     """The reduction phase: per channel (sum(dy), sum(dy * x_hat)), x_hat = (x - mean) * invstd.
     They are grad_bias and grad_weight, and what the train-mode grad_input needs from the whole
     batch (SyncBatchNorm all-reduces them between the phases)."""
-    x_hat = (input - _per_channel(mean)) * _per_channel(invstd)
-    return grad_output.sum(_REDUCE_DIMS), (grad_output * x_hat).sum(_REDUCE_DIMS)
+    x_hat = (input - _per_channel(mean, input)) * _per_channel(invstd, input)
+    dims = _reduce_dims(input)
+    return grad_output.sum(dims), (grad_output * x_hat).sum(dims)
 
 
 def bn_grad_input(
@@ -46,18 +50,18 @@ def bn_grad_input(
       eval:  grad_input = w * invstd * dy
     """
     dy = grad_output
-    invstd = _per_channel(invstd)
-    scale = invstd if weight is None else _per_channel(weight) * invstd
+    invstd = _per_channel(invstd, dy)
+    scale = invstd if weight is None else _per_channel(weight, dy) * invstd
     if sums is None:
         # Running statistics are constants: only term 1 remains.
         return scale * dy
     sum_dy, sum_dy_xhat = sums
-    x_hat = (input - _per_channel(mean)) * invstd
+    x_hat = (input - _per_channel(mean, input)) * invstd
     # term 1: dy             - the path through x_hat alone, as in eval mode
     # term 2: sum(dy) / m    - the path through the batch mean: every x moved the mean
     # term 3: x_hat * sum(dy * x_hat) / m - the path through the batch variance
-    term_mean = _per_channel(sum_dy / count)
-    term_var = x_hat * _per_channel(sum_dy_xhat / count)
+    term_mean = _per_channel(sum_dy / count, dy)
+    term_var = x_hat * _per_channel(sum_dy_xhat / count, dy)
     return scale * (dy - term_mean - term_var)
 
 
@@ -84,7 +88,7 @@ def bn_backward_formula(
 
 
 def channel_moments(values: Tensor) -> Tensor:
-    """[4, C] float64 (count, mean, M2, nonfinite) of each channel of an (N, C, H, W) tensor:
+    """[4, C] float64 (count, mean, M2, nonfinite) of each channel of an (N, C, ...) tensor:
     count, mean and M2 of its finite values, and how many are NaN or infinite.
 
     Two-pass (mean first, then squared deviations from it) in float64, on values shifted by one
@@ -92,18 +96,19 @@ def channel_moments(values: Tensor) -> Tensor:
     leak into the variance: identical values give exactly 0.
     """
     v = values.double()
+    dims = _reduce_dims(v)
     finite = torch.isfinite(v)
-    count = finite.sum(_REDUCE_DIMS).double()
+    count = finite.sum(dims).double()
     clean = torch.where(finite, v, torch.zeros_like(v))
     # The first finite value of each channel, in (N, H, W) order (0 when there is none).
     flat = clean.transpose(0, 1).reshape(v.shape[1], -1)
     first = finite.transpose(0, 1).reshape(v.shape[1], -1).to(torch.int8).argmax(dim=1)
     shift = flat.gather(1, first[:, None]).squeeze(1)
-    shifted = torch.where(finite, v - _per_channel(shift), torch.zeros_like(v))
-    mean_shifted = shifted.sum(_REDUCE_DIMS) / count.clamp_min(1)
-    deviation = torch.where(finite, shifted - _per_channel(mean_shifted), torch.zeros_like(v))
-    m2 = (deviation**2).sum(_REDUCE_DIMS)
-    nonfinite = (~finite).sum(_REDUCE_DIMS).double()
+    shifted = torch.where(finite, v - _per_channel(shift, v), torch.zeros_like(v))
+    mean_shifted = shifted.sum(dims) / count.clamp_min(1)
+    deviation = torch.where(finite, shifted - _per_channel(mean_shifted, v), torch.zeros_like(v))
+    m2 = (deviation**2).sum(dims)
+    nonfinite = (~finite).sum(dims).double()
     return torch.stack([count, shift + mean_shifted, m2, nonfinite])
 
 

@@ -1,7 +1,8 @@
-"""Per-channel gradient statistics: the user-facing records and the state buffer behind them.
+"""Per-channel gradient statistics: the user-facing records and the state tensor behind them.
 
-A module that records statistics (GradStatBatchNorm2d, GradProbe) owns one float64 buffer
-``grad_stats_state`` of shape [3, G, 4, C]:
+A module that records statistics (a recording batch-norm layer, GradProbe) owns one float64
+tensor ``grad_stats_state`` (an attribute, not a buffer: see gradstats.modules) of shape
+[3, G, 4, C]:
   slot      0 last backward, 1 accumulated since reset, 2 exponential moving average
   gradient  G = 2 for a batch-norm layer: 0 grad_output (dy), 1 grad_input (dx);
             G = 1 for a probe: the gradient flowing through it

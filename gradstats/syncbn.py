@@ -1,6 +1,10 @@
-"""GradStatSyncBatchNorm2d: batch norm over the global batch of a process group (what
-nn.SyncBatchNorm computes) that records dy/dx statistics like GradStatBatchNorm2d, on CPU (gloo)
-as well as CUDA (nccl); nn.SyncBatchNorm itself only runs on GPUs.
+"""Batch norm over the global batch of a process group (what nn.SyncBatchNorm computes) that
+records dy/dx statistics, on CPU (gloo) as well as CUDA (nccl); nn.SyncBatchNorm itself only
+synchronises on GPUs. Two classes share the synchronised forward:
+GradStatSyncBatchNorm, the recording class of nn.SyncBatchNorm (see gradstats.modules: what
+convert_batchnorm makes of an nn.SyncBatchNorm; (N, C, ...) inputs of 2 to 5 dimensions), and
+GradStatSyncBatchNorm2d, an nn.BatchNorm2d (which DistributedDataParallel accepts on CPU, unlike
+an nn.SyncBatchNorm), what convert_sync_batchnorm makes of BatchNorm2d layers.
 
 Training with a process group of more than one rank: the forward gathers every rank's
 per-channel moments (one all_gather), Chan-merges them into the global mean and variance and
@@ -8,7 +12,8 @@ normalises with those; the backward all-reduces sum(dy) and sum(dy * (x - mean))
 all_reduce) for the global terms of dx, and returns this rank's weight and bias gradients, as
 nn.SyncBatchNorm does (DistributedDataParallel averages them). Statistics of dy and dx are
 measured with gradstats.channel_moments: two extra reads, not fused into the backward. Eval mode,
-or no process group: exactly GradStatBatchNorm2d (as nn.SyncBatchNorm falls back to BatchNorm).
+or no process group: nn.SyncBatchNorm's own forward, which falls back to F.batch_norm, recorded
+like GradStatBatchNorm2d.
 """
 
 from __future__ import annotations
@@ -19,13 +24,16 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from . import ops
-from .convert import converted_layer
 from .distributed import all_gather_stacked
-from .modules import GradStatBatchNorm2d
+from .modules import BatchNormRecorder, GradStatBatchNorm2d, _module_device, _register
 from .reference import bn_backward_sums, bn_grad_input
 from .stats import ROW_COUNT, ROW_M2, ROW_MEAN, ROW_NONFINITE, merge_moments
 
-__all__ = ["GradStatSyncBatchNorm2d", "convert_sync_batchnorm"]
+__all__ = ["GradStatSyncBatchNorm", "GradStatSyncBatchNorm2d", "convert_sync_batchnorm"]
+
+
+def _channel_shape(input: Tensor) -> tuple[int, ...]:
+    return (1, -1) + (1,) * (input.dim() - 2)
 
 
 class _SyncBatchNormWithGradStats(torch.autograd.Function):
@@ -61,7 +69,7 @@ class _SyncBatchNormWithGradStats(torch.autograd.Function):
         acc = ops._accumulation_dtype(input.dtype)
         mean = mean.to(acc)
         invstd = torch.rsqrt(var + eps).to(acc)
-        shape = (1, -1, 1, 1)
+        shape = _channel_shape(input)
         output = (input.to(acc) - mean.view(shape)) * invstd.view(shape)
         if weight is not None:
             output = output * weight.to(acc).view(shape) + bias.to(acc).view(shape)
@@ -92,10 +100,57 @@ class _SyncBatchNormWithGradStats(torch.autograd.Function):
         return grad_input, grad_weight, grad_bias, None, None, None, None, None, None, None, None
 
 
-class GradStatSyncBatchNorm2d(GradStatBatchNorm2d):
+class _GlobalBatchForward:
+    """The forward of the synchronised recording classes: in training with a process group of
+    more than one rank, _SyncBatchNormWithGradStats (CPU and CUDA); otherwise the class's own
+    recorded forward."""
+
+    def _world_size(self) -> int:
+        if not (dist.is_available() and dist.is_initialized()):
+            return 1
+        return dist.get_world_size(self.process_group)
+
+    def forward(self, input: Tensor) -> Tensor:
+        world_size = self._world_size() if self.training else 1
+        if world_size == 1:
+            return super().forward(input)
+        self._check_input_dim(input)
+        factor = 0.0 if self.momentum is None else self.momentum
+        if self.track_running_stats:
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:  # cumulative moving average
+                factor = 1.0 / float(self.num_batches_tracked)
+        running = self.track_running_stats and self.running_mean is not None
+        return self._watch_backward(
+            _SyncBatchNormWithGradStats.apply(
+                input,
+                self.weight,
+                self.bias,
+                self.running_mean if running else None,
+                self.running_var if running else None,
+                self._record_target,
+                factor,
+                self.eps,
+                self.grad_stats_ema_decay,
+                self.process_group,
+                world_size,
+            )
+        )
+
+
+@_register
+class GradStatSyncBatchNorm(_GlobalBatchForward, BatchNormRecorder, nn.SyncBatchNorm):
+    """The recording class of nn.SyncBatchNorm (what convert_batchnorm makes of one): every
+    argument nn.SyncBatchNorm takes, plus the keyword ``grad_stats_ema_decay``; records as
+    GradStatBatchNorm2d. Being an nn.SyncBatchNorm, DistributedDataParallel accepts it on GPU
+    modules only, as it does nn.SyncBatchNorm; on CPU (gloo) use GradStatSyncBatchNorm2d."""
+
+
+class GradStatSyncBatchNorm2d(_GlobalBatchForward, GradStatBatchNorm2d):
     """GradStatBatchNorm2d whose training-mode statistics are those of the global batch across
-    ``process_group`` (default: the whole world), like nn.SyncBatchNorm. Same parameters,
-    buffers and state_dict keys as GradStatBatchNorm2d."""
+    ``process_group`` (default: the whole world), like nn.SyncBatchNorm, on CPU (gloo) as well
+    as CUDA: an nn.BatchNorm2d, which DistributedDataParallel accepts on CPU too. Same
+    parameters, buffers and state_dict keys as nn.BatchNorm2d."""
 
     def __init__(
         self,
@@ -107,64 +162,25 @@ class GradStatSyncBatchNorm2d(GradStatBatchNorm2d):
         process_group=None,
         device=None,
         dtype=None,
-        *,
-        grad_stats_ema_decay: float = 0.9,
+        **kwargs,
     ) -> None:
-        super().__init__(
-            num_features,
-            eps,
-            momentum,
-            affine,
-            track_running_stats,
-            device,
-            dtype,
-            grad_stats_ema_decay=grad_stats_ema_decay,
-        )
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, **kwargs)
         self.process_group = process_group
-
-    def _world_size(self) -> int:
-        if not (dist.is_available() and dist.is_initialized()):
-            return 1
-        return dist.get_world_size(self.process_group)
-
-    def forward(self, input: Tensor) -> Tensor:
-        world_size = self._world_size() if self.training else 1
-        if world_size == 1:
-            return super().forward(input)
-        factor = self._start_forward(input)  # training here: world_size > 1 only in training
-        running = self.track_running_stats and self.running_mean is not None
-        return self._watch_backward(
-            _SyncBatchNormWithGradStats.apply(
-                input,
-                self.weight,
-                self.bias,
-                self.running_mean if running else None,
-                self.running_var if running else None,
-                self.grad_stats_state,
-                factor,
-                self.eps,
-                self.grad_stats_ema_decay,
-                self.process_group,
-                world_size,
-            )
-        )
 
 
 def convert_sync_batchnorm(
     module: nn.Module, process_group=None, *, grad_stats_ema_decay: float = 0.9
 ) -> nn.Module:
-    """Replaces every nn.BatchNorm2d and GradStatBatchNorm2d (exact types) in ``module`` by a
-    GradStatSyncBatchNorm2d sharing its parameters and buffers (statistics included); returns
-    the module. Run it before gradstats.instrument, which then only adds the block probes."""
-    if type(module) in (nn.BatchNorm2d, GradStatBatchNorm2d):
-        return converted_layer(
-            module,
-            getattr(module, "grad_stats_ema_decay", grad_stats_ema_decay),
-            GradStatSyncBatchNorm2d,
-            process_group=process_group,
-        )
-    for name, child in module.named_children():
-        converted = convert_sync_batchnorm(child, process_group, grad_stats_ema_decay=grad_stats_ema_decay)
-        if converted is not child:
-            setattr(module, name, converted)
+    """Makes every nn.BatchNorm2d of ``module`` (exact type, or GradStatBatchNorm2d) a
+    GradStatSyncBatchNorm2d in place (``__class__`` swapped: parameters, buffers, hooks and
+    statistics kept), and returns ``module``. Subclasses with their own forward are left to
+    convert_batchnorm. Run it before gradstats.instrument, which then only adds the probes."""
+    for child in module.modules():
+        if type(child) not in (nn.BatchNorm2d, GradStatBatchNorm2d):
+            continue
+        recording = isinstance(child, BatchNormRecorder)
+        child.__class__ = GradStatSyncBatchNorm2d
+        child.process_group = process_group
+        if not recording:
+            child._init_grad_stats(child.num_features, 2, grad_stats_ema_decay, _module_device(child))
     return module

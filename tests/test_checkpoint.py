@@ -136,7 +136,9 @@ def test_resume_continues_exactly(tmp_path, options):
     assert a["model"].keys() == b["model"].keys()
     for name, value in a["model"].items():
         assert torch.equal(value, b["model"][name]), name
-    accumulated = a["model"]["layer1.0.bn1.grad_stats_state"][SLOT_ACCUMULATED]
+    for name, value in a["grad_stats"].items():
+        assert torch.equal(value, b["grad_stats"][name]), name
+    accumulated = a["grad_stats"]["layer1.0.bn1.grad_stats_state"][SLOT_ACCUMULATED]
     assert accumulated[0, 0].min() > 0  # steps 7 and 8 are in the accumulators
     assert torch.equal(a["window"], b["window"]) and a["window"][2] == 64
     sa, sb = a["optimizer"]["state"], b["optimizer"]["state"]

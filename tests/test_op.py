@@ -236,7 +236,7 @@ def _valid(device="cpu"):
 
 
 BAD_CASES = {
-    "input_not_4d": (lambda dy, x, w, m, i: (dy[0], x[0], w, m, i, True, True), ValueError, "input must be a 4-D"),
+    "input_not_2d_to_5d": (lambda dy, x, w, m, i: (dy[0, 0, 0], x[0, 0, 0], w, m, i, True, True), ValueError, "input must be a 2-D to 5-D"),
     "grad_output_shape": (lambda dy, x, w, m, i: (dy[:2], x, w, m, i, True, True), ValueError, "grad_output must have input's shape"),
     "weight_channels": (lambda dy, x, w, m, i: (dy, x, w[:2], m, i, True, True), ValueError, "weight must have shape [3]"),
     "mean_channels": (lambda dy, x, w, m, i: (dy, x, w, m[:2], i, True, True), ValueError, "mean must have shape [3]"),

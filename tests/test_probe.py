@@ -40,8 +40,8 @@ def test_channel_moments_matches_float64(device, dtype, layout):
 def test_channel_moments_opcheck_and_errors():
     torch.library.opcheck(torch.ops.gradstats.channel_moments.default, (torch.randn(3, 4, 5, 2),))
     torch.library.opcheck(torch.ops.gradstats.channel_moments.default, (torch.randn(7, 4),))
-    with pytest.raises(ValueError, match="4-D .* or 2-D"):
-        channel_moments(torch.randn(2, 3, 4))
+    with pytest.raises(ValueError, match="2-D to 5-D"):
+        channel_moments(torch.randn(2, 3, 4, 1, 1, 1))
     with pytest.raises(TypeError, match="float32"):
         channel_moments(torch.ones(2, 3, dtype=torch.int32))
     with pytest.raises(ValueError, match="at least one channel and one value"):

@@ -59,12 +59,13 @@ def test_state_dict_round_trips_are_exact(tmp_path):
     torch.manual_seed(1)
     model = instrument(cifar_resnet_variant("bn_skip", 8))
     _train(model, 0)
-    state = model.state_dict()
+    state = {"model": model.state_dict(), "grad_stats": gradstats.grad_stats_state_dict(model)}
     path = tmp_path / "model.pt"
     torch.save(state, path)
     loaded = torch.load(path, weights_only=True)  # plain tensors only: safe to load
     fresh = instrument(cifar_resnet_variant("bn_skip", 8))
-    fresh.load_state_dict(loaded)
+    fresh.load_state_dict(loaded["model"])
+    gradstats.load_grad_stats_state_dict(fresh, loaded["grad_stats"])
     for (name, a), (_, b) in zip(_snapshot(model).items(), _snapshot(fresh).items()):
         assert torch.equal(a, b), name
     assert torch.equal(
@@ -92,9 +93,30 @@ def test_a_statistics_state_of_another_shape_is_refused():
     m = GradStatBatchNorm2d(4)
     m(torch.randn(3, 4, 2, 2, requires_grad=True)).sum().backward()
     state = dict(m.state_dict())
-    state["grad_stats_state"] = state["grad_stats_state"][:, :, :3].clone()
+    state["grad_stats_state"] = m.grad_stats_state[:, :, :3].clone()  # as gradstats 0.1 saved it
     with pytest.raises(RuntimeError, match="size mismatch for grad_stats_state"):
         GradStatBatchNorm2d(4).load_state_dict(state)
+    with pytest.raises(ValueError, match="grad_stats_state has shape"):
+        gradstats.load_grad_stats_state_dict(GradStatBatchNorm2d(4), state)
+
+
+def test_a_gradstats_0_1_state_dict_restores_the_statistics():
+    """gradstats 0.1 saved the statistics as a buffer in state_dict: such a state_dict still
+    loads (strict) and restores them, in a module and in a model."""
+    torch.manual_seed(2)
+    model = instrument(cifar_resnet_variant("bn_skip", 8))
+    _train(model, 0)
+    old = dict(model.state_dict())
+    old.update(gradstats.grad_stats_state_dict(model))  # the 0.1 layout: one more key per recorder
+    assert len(old) > len(model.state_dict())
+    fresh = instrument(cifar_resnet_variant("bn_skip", 8))
+    fresh.load_state_dict(old)  # strict
+    for (name, a), (_, b) in zip(_snapshot(model).items(), _snapshot(fresh).items()):
+        assert torch.equal(a, b), name
+    other = instrument(cifar_resnet_variant("bn_skip", 8))
+    gradstats.load_grad_stats_state_dict(other, old)  # the explicit call takes it too
+    for (name, a), (_, b) in zip(_snapshot(model).items(), _snapshot(other).items()):
+        assert torch.equal(a, b), name
 
 
 def test_plain_batchnorm_state_dict_into_recording_model_keeps_statistics():

@@ -1,6 +1,6 @@
 """Process-group launch for `gradstats train` under torchrun: where this process stands (rank,
-world size, device), the group from torchrun's environment, and DistributedDataParallel that
-leaves the gradient statistics alone."""
+world size, device), the group from torchrun's environment, and the DistributedDataParallel wrap
+(plain DDP: the gradient statistics are not buffers, so DDP leaves them alone)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,6 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from ..convert import gradstats_buffer_names
 from .options import resolve_device
 
 
@@ -65,10 +64,9 @@ def teardown(ctx: DistContext) -> None:
 
 def wrap_ddp(model: nn.Module, ctx: DistContext) -> nn.Module:
     """DistributedDataParallel(model) when distributed, else the model. DDP broadcasts rank 0's
-    buffers before every forward (to keep BN running statistics equal), which would overwrite
-    every rank's gradient statistics with rank 0's: they are excluded from it."""
+    buffers before every forward; the gradient statistics are not buffers (gradstats.modules),
+    so each rank keeps recording its own batches."""
     if not ctx.distributed:
         return model
-    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, gradstats_buffer_names(model))
     device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
     return DistributedDataParallel(model, device_ids=device_ids)

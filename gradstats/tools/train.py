@@ -37,6 +37,7 @@ RUN_FIELDS = (
     "augment",
     "image_size",
     "sync_bn",
+    "amp",
     "dtype",
     "seed",
 )
@@ -93,7 +94,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--sync-bn",
         action="store_true",
         default=None,
-        help="BN statistics over the global batch across processes (GradStatSyncBatchNorm2d)",
+        help="BN statistics over the global batch across processes (GradStatSyncBatchNorm)",
+    )
+    add(
+        "--amp",
+        action="store_true",
+        default=None,
+        help="mixed precision: bfloat16 autocast on CPU; float16 autocast with a GradScaler on CUDA "
+        "(statistics in loss units, skipped steps left out: gradstats.track_grad_scaler)",
     )
     add("--dtype", choices=list(DTYPES), help="model and data dtype (default float32)")
     add("--seed", type=int, help="(default 0)")

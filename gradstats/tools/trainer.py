@@ -25,7 +25,8 @@ from torch import nn
 
 from .. import distributed
 from ..alerts import AlertThresholds, check_model, started
-from ..convert import batchnorms, instrument, probes
+from ..amp import track_grad_scaler
+from ..convert import batchnorms, grad_stats_state_dict, instrument, load_grad_stats_state_dict, probes
 from ..extras import MissingExtra, require
 from ..models import VARIANTS, cifar_resnet_variant
 from ..records import layer_name, summarize_slots
@@ -68,6 +69,7 @@ class TrainConfig:
     # DataLoader worker processes for ImageFolder data (not part of the run: batches do not depend on it)
     workers: int = field(default_factory=lambda: min(4, os.cpu_count() or 1))
     sync_bn: bool = False
+    amp: bool = False  # autocast (bfloat16 on CPU; float16 with a GradScaler on CUDA)
     dtype: str = "float32"
     seed: int = 0
     log_every: int = 50
@@ -85,6 +87,10 @@ class TrainConfig:
         check_choice(self, "variant", VARIANTS)
         check_choice(self, "schedule", ("cosine", "step"))
         check_choice(self, "dtype", DTYPES)
+        if self.amp and self.dtype != "float32":
+            raise ValueError(
+                f"--amp runs a float32 model under autocast: it needs --dtype float32, got {self.dtype}"
+            )
         check_min(self, ("epochs", "batch_size", "log_every", "eval_batch_size", "width"), 1)
         check_min(
             self, ("steps", "checkpoint_every", "stop_at", "lr", "momentum", "weight_decay", "gamma"), 0
@@ -188,6 +194,13 @@ class Trainer:
         self.n_bn = len(bns)
         self.recorders = bns + [(name.removesuffix(".grad_probe"), m) for name, m in probes(self.model)]
         self.recorder_modules = [m for _, m in self.recorders]
+        # --amp: autocast to bfloat16 on CPU, float16 on CUDA; float16 gradients need a GradScaler,
+        # to which the statistics are tied (loss units; skipped steps left out).
+        self.autocast_dtype = torch.float16 if self.device.type == "cuda" else torch.bfloat16
+        self.scaler = None
+        if config.amp and self.device.type == "cuda":
+            self.scaler = torch.amp.GradScaler("cuda")
+            track_grad_scaler(self.model, self.scaler)
         self.optimizer = torch.optim.SGD(
             self.model.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
         )
@@ -249,6 +262,8 @@ class Trainer:
             "config": asdict(self.config),
             "world_size": self.ctx.world_size,
             "model": self.model.state_dict(),
+            "grad_stats": grad_stats_state_dict(self.model),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.schedule.state_dict(),
             "window": self.window.cpu(),
@@ -258,7 +273,11 @@ class Trainer:
 
     def _restore(self, state: dict[str, Any]) -> None:
         try:
-            self.model.load_state_dict(state["model"])
+            self.model.load_state_dict(state["model"])  # a 0.1 checkpoint's statistics come with it
+            if "grad_stats" in state:
+                load_grad_stats_state_dict(self.model, state["grad_stats"])
+            if self.scaler is not None and state.get("scaler"):
+                self.scaler.load_state_dict(state["scaler"])
             self.optimizer.load_state_dict(state["optimizer"])
             self.schedule.load_state_dict(state["scheduler"])
         except (RuntimeError, ValueError, KeyError) as error:
@@ -317,12 +336,18 @@ class Trainer:
     # -- steps -------------------------------------------------------------------------------------
     def train_step(self, step: int) -> None:
         images, labels = self.data.train_batch(step)
-        logits = self.net(images)
-        loss = F.cross_entropy(logits, labels)
+        with torch.autocast(self.device.type, self.autocast_dtype, enabled=self.config.amp):
+            logits = self.net(images)
+            loss = F.cross_entropy(logits, labels)
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
         self.lr = self.optimizer.param_groups[0]["lr"]
-        self.optimizer.step()
+        if self.scaler is None:
+            loss.backward()
+            self.optimizer.step()
+        else:
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
         self.schedule.step()
         with torch.no_grad():  # on the device: no host synchronisation
             self.window[0] += loss.detach() * len(labels)

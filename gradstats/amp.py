@@ -10,7 +10,7 @@ accumulated or moving-average statistics. ``track_grad_scaler(model, scaler)`` f
 - ``scaler.update()`` (wrapped on this scaler object) then commits the pending records, all on
   the device, without a host synchronisation: divided by the scale those backward passes used
   (mean / S, M2 / S^2); ``last_grad_stats`` becomes the step's last backward; if the scaler
-  skipped the step (it lowers the scale exactly then: the backoff factor is below 1), the
+  skipped the step (its ``step()`` found an inf/NaN gradient: the flags ``update()`` reads), the
   accumulated and moving-average statistics are left as they were and the module's
   ``grad_stats_skipped_steps`` counts it, otherwise the step's backward passes (merged) are
   folded in, one moving-average update per optimizer step.
@@ -63,10 +63,24 @@ def _wrap_update(scaler, tracked: list[GradStatsRecorder]) -> None:
     def update_and_commit(new_scale=None):
         scale = getattr(scaler, "_scale", None)
         used = None if scale is None else scale.detach().clone()
+        # scaler.step() skipped the optimizer step iff it found an inf/NaN in some gradient:
+        # the found_inf flags update() reads (device tensors), taken before update() clears them.
+        found = (
+            [
+                f.to(device=scale.device)
+                for state in getattr(scaler, "_per_optimizer_states", {}).values()
+                for f in state.get("found_inf_per_device", {}).values()
+            ]
+            if scale is not None
+            else []
+        )
         update(new_scale)
         if used is None:  # no scale(loss) yet: nothing was recorded under a scale
             return
-        kept = scaler._scale >= used  # the scaler backs off (scale < used) only on a skipped step
+        if found:
+            kept = torch.stack(found).sum() == 0
+        else:  # no step() since the last update: fall back to the scale (it backs off on a skip)
+            kept = scaler._scale >= used
         for m in tracked:
             _commit(m, used, kept)
 

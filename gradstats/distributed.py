@@ -145,7 +145,10 @@ def all_reduce_grad_stats(model: nn.Module, group=None) -> None:
     accumulated and moving average) by those of the global batch: every rank's merged (Chan
     merge) and expressed in the units of the global mean loss (1/world_size of each rank's: see
     the module docstring). One collective; every rank of ``group`` must call it, e.g. before
-    reading or logging the statistics. In one process it changes nothing. With per-rank
+    reading or logging the statistics, followed by ``reset_grad_stats()`` on every recording
+    module before the next interval is merged (a second merge without a reset would count the
+    merged interval once per rank: it raises RuntimeError instead). In one process it changes
+    nothing. With per-rank
     BatchNorm each rank normalised its own batch: dy and dx are then the gradients DDP
     computed, which one process on the global batch reproduces exactly for SyncBatchNorm models
     or eval-mode layers."""
@@ -153,6 +156,13 @@ def all_reduce_grad_stats(model: nn.Module, group=None) -> None:
     _, world_size = world(group)
     if world_size == 1 or not modules:
         return
+    merged_before = [name for name, m in model.named_modules() if getattr(m, "_grad_stats_merged", False)]
+    if merged_before:
+        raise RuntimeError(
+            f"all_reduce_grad_stats: {merged_before[0]!r} (and {len(merged_before) - 1} more) already hold "
+            "the merged statistics of every rank; call reset_grad_stats() on the recording modules "
+            "(e.g. after logging) before merging again"
+        )
     every = slice(SLOT_LAST, None)
     empty = modules[0].grad_stats_state.new_empty(0)
     per_module, _ = _split(_gather(modules, empty, group, every), modules, every)
@@ -160,3 +170,4 @@ def all_reduce_grad_stats(model: nn.Module, group=None) -> None:
         for m, per_rank in zip(modules, per_module):
             merged = merge_moments(list(per_rank.unbind(0)))
             m.grad_stats_state.copy_(scale_moments(merged, 1.0 / world_size))
+            m._grad_stats_merged = True

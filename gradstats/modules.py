@@ -40,6 +40,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
 from torch.overrides import TorchFunctionMode
 
 from . import ops
@@ -78,7 +79,9 @@ class _BatchNormWithGradStats(torch.autograd.Function):
         if use_batch_stats:
             mean, invstd = save_mean, save_invstd
         else:
-            mean, invstd = running_mean, torch.rsqrt(running_var + eps)
+            # As PyTorch: 1/sqrt(var + eps) in the accumulation type, not in a half buffer's.
+            acc = ops._accumulation_dtype(input.dtype)
+            mean, invstd = running_mean, torch.rsqrt(running_var.to(acc) + eps)
         ctx.save_for_backward(input, weight, bias, mean, invstd)
         ctx.state = state
         ctx.use_batch_stats = use_batch_stats
@@ -142,6 +145,10 @@ class GradStatsRecorder:
     # Where backward passes record: the state itself, or a pending state while a GradScaler is
     # tracked (gradstats.amp commits it at the scaler's update).
     _grad_stats_pending: Tensor | None = None
+    # Set by distributed.all_reduce_grad_stats (the state then holds the global batch's
+    # statistics), cleared by reset_grad_stats(): a second merge before a reset would count the
+    # merged interval once per rank.
+    _grad_stats_merged: bool = False
     _grad_stats_skipped: Tensor | None = None
     # When this module's backward last ran, on _backward_clock; 0 if it never ran eagerly
     # (a compiled graph runs no Python hooks at backward time).
@@ -202,6 +209,7 @@ class GradStatsRecorder:
 
     def reset_grad_stats(self) -> None:
         """Empties the accumulated and moving-average statistics (last_grad_stats is kept)."""
+        self._grad_stats_merged = False
         with torch.no_grad():
             self.grad_stats_state[SLOT_ACCUMULATED:].zero_()
             if self._grad_stats_pending is not None:
@@ -420,7 +428,13 @@ def recording_class(cls: type) -> type:
 
 
 def _register(cls: type) -> type:
-    original = next(base for base in cls.__bases__ if base is not BatchNormRecorder)
+    # The original is the batch-norm class the recording class derives from, past any mixin
+    # (GradStatSyncBatchNorm puts its synchronised forward before nn.SyncBatchNorm).
+    original = next(
+        base
+        for base in cls.__mro__[1:]
+        if issubclass(base, _BatchNorm) and not issubclass(base, BatchNormRecorder)
+    )
     cls._grad_stats_original_class = original
     _RECORDING_CLASSES[original] = cls
     return cls

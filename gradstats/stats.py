@@ -84,7 +84,7 @@ class ChannelStats:
         return cls(
             count=count.round().to(torch.int64),
             mean=torch.where(have, mean, nan),
-            var=torch.where(have, m2 / count.clamp_min(1), nan),
+            var=torch.where(have, m2 / torch.where(have, count, 1.0), nan),
             nonfinite=nonfinite.round().to(torch.int64),
         )
 

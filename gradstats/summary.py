@@ -40,7 +40,7 @@ def summarize_moments(moments: Tensor) -> Tensor:
     count, mean, m2, nonfinite = (moments[..., r, :] for r in (ROW_COUNT, ROW_MEAN, ROW_M2, ROW_NONFINITE))
     have = count > 0
     nan = torch.full_like(mean, math.nan)
-    var = torch.where(have, m2 / count.clamp_min(1), nan)
+    var = torch.where(have, m2 / torch.where(have, count, 1.0), nan)
     any_channel = have.any(-1)
     return torch.stack(
         [

@@ -135,3 +135,22 @@ def test_tracked_scaler_under_torch_compile():
         nn.functional.cross_entropy(twin(x), y).backward()
         opt_twin.step()
         _assert_same_records(ours, twin, f"compiled step {step}")
+
+
+def test_a_step_the_scaler_took_counts_even_when_the_scale_is_lowered_by_hand():
+    # update(new_scale=...) lowers the scale after a finite step: the step was taken, so its
+    # records are folded in (skips are read from the scaler's found-inf flags, not the scale).
+    ours = gradstats.convert_batchnorm(_model())
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    gradstats.track_grad_scaler(ours, scaler)
+    opt = torch.optim.SGD(ours.parameters(), lr=0.05)
+    g = torch.Generator().manual_seed(2)
+    x, y = torch.randn(5, 3, 8, 8, generator=g), torch.randint(0, 4, (5,), generator=g)
+    scaler.scale(nn.functional.cross_entropy(ours(x), y)).backward()
+    scaler.step(opt)
+    scaler.update(new_scale=2.0**5)
+    bn = ours[1]
+    print(bn.grad_stats_skipped_steps, bn.accumulated_grad_stats)
+    assert bn.grad_stats_skipped_steps == 0
+    assert bn.accumulated_grad_stats is not None
+    assert (bn.accumulated_grad_stats.grad_output.count == 5 * 6 * 6).all()

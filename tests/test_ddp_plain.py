@@ -80,7 +80,16 @@ def _worker(rank: int, store: str, out: str, compiled: bool) -> None:
             optimizer.step()
         local = _states(model)
         gradstats.all_reduce_grad_stats(model)
-        torch.save({"local": local, "merged": _states(model)}, os.path.join(out, f"rank{rank}.pt"))
+        merged = _states(model)
+        try:  # a second merge before a reset would count the merged interval once per rank
+            gradstats.all_reduce_grad_stats(model)
+            again = None
+        except RuntimeError as error:
+            again = str(error)
+        for _, m in gradstats.batchnorms(model) + gradstats.probes(model):
+            m.reset_grad_stats()
+        gradstats.all_reduce_grad_stats(model)  # after the reset: a merge again
+        torch.save({"local": local, "merged": merged, "again": again}, os.path.join(out, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
@@ -126,3 +135,7 @@ def test_plain_ddp_records_local_batches_and_all_reduce_merges_them(tmp_path, co
     # The ranks recorded different batches, and the merge made them one.
     assert not torch.allclose(results[0]["local"][0], results[1]["local"][0])
     assert all(torch.equal(a, b) for a, b in zip(results[0]["merged"], results[1]["merged"]))
+    # Merging twice without a reset in between is refused, naming the remedy.
+    assert all(r["again"] is not None and "reset_grad_stats()" in r["again"] for r in results), [
+        r["again"] for r in results
+    ]

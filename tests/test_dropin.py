@@ -334,3 +334,13 @@ def test_torch_func_transforms(impl):
     want = torch.func.grad(loss(reference))(params, x[0])
     for name in params:
         torch.testing.assert_close(got[name], want[name])
+
+
+def test_converting_torch_classes_gives_the_exported_recording_classes():
+    # GradStatSyncBatchNorm puts its synchronised forward before nn.SyncBatchNorm in its bases:
+    # converting an nn.SyncBatchNorm must still give it (not a class without that forward).
+    for torch_cls, ours in OURS.items():
+        assert gradstats.recording_class(torch_cls) is ours, torch_cls
+        model = nn.Sequential(torch_cls(4))
+        gradstats.convert_batchnorm(model)
+        assert type(model[0]) is ours, (torch_cls, type(model[0]).__mro__)

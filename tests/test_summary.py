@@ -16,7 +16,7 @@ from gradstats import convert_batchnorm, instrument
 from gradstats.models import cifar_resnet_variant
 from gradstats.records import summarize_slots
 from gradstats.stats import ROW_COUNT, ROW_NONFINITE, ChannelStats
-from gradstats.summary import FIELDS, summarize_channels, summary_values
+from gradstats.summary import FIELDS, summarize_channels, summarize_moments, summary_values
 from gradstats.tools import analyze, demo
 from gradstats.tools.data import load_dataset
 from gradstats.tools.sampling import BatchSampler
@@ -144,3 +144,14 @@ def test_demo_leaves_a_dead_channel_out(monkeypatch, capsys):
     print(row)
     mean_dy, var_dy = float(row[3]), float(row[4])
     assert math.isfinite(mean_dy) and math.isfinite(var_dy) and var_dy > 0
+
+
+def test_variance_of_a_moving_average_count_below_one():
+    # The moving average decays a channel's count below 1 when it sees no finite value for a
+    # while: var is still M2 / count (a count of 0.25 must not be rounded up to 1).
+    moments = torch.tensor([[0.25, 0.5], [1.0, -2.0], [1.0, 0.5], [0.0, 0.0]], dtype=torch.float64)
+    assert torch.allclose(
+        ChannelStats.from_moments(moments).var, torch.tensor([4.0, 1.0], dtype=torch.float64)
+    )
+    summary = summary_values(dict(zip(FIELDS, summarize_moments(moments).unbind(-1))))
+    assert summary["var"] == pytest.approx(2.5) and summary["var_max"] == pytest.approx(4.0)

@@ -106,10 +106,10 @@ struct Io<float> : IoSame<float> {};
 template <>
 struct Io<double> : IoSame<double> {};
 
-// 16 halves <-> 16 floats. GCC 12 turns __builtin_convertvector on _Float16 vectors into 16
-// scalar conversions with lane inserts (4-5x slower than PyTorch on fp16 tensors), so the
-// AVX-512 and AVX2 builds use the F16C instructions directly; rounding to nearest even, like
-// c10::Half. The baseline build (no F16C) keeps the portable form.
+// 16 halves <-> 16 floats. GCC turns __builtin_convertvector on _Float16 vectors into scalar
+// conversions with lane inserts, so the AVX-512 and AVX2 builds use the F16C instructions
+// directly; rounding to nearest even, like c10::Half. The baseline build (no F16C) keeps the
+// portable form.
 GS_VEC_INLINE VecOf<float>::type widen_half(const vec16_half& h) {
 #if defined(__x86_64__) && GS_CPU_ISA_LEVEL >= 2
   // The zero-masked forms here and below: the same instructions (all lanes kept), without GCC

@@ -67,7 +67,7 @@ for m in "${mutants[@]}"; do
   fi
   log="$work/$(echo "$what" | tr -c 'a-zA-Z0-9' _).log"
   if PYTHON="$python" "$work/repo/scripts/cuda_emulator.sh" python -m pytest -x -q -p no:cacheprovider \
-      "$work/repo/tests/test_cuda_emu.py" -k "dtype0 or faulty" "$@" >"$log" 2>&1; then
+      "$work/repo/tests/test_cuda_emu.py" -k "float32 or faulty" "$@" >"$log" 2>&1; then
     echo "SURVIVED     $what ($file)"; survived=1
   else
     echo "caught       $what ($file): $(grep -m1 -E '^E ' "$log" | cut -c1-160)"

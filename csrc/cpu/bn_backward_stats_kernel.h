@@ -1,6 +1,7 @@
-// CPU kernels of bn_backward_stats. Included once per instruction set by the
-// bn_backward_stats_<isa>.cpp files, each inside its own namespace GS_CPU_ISA and compiled for that
-// instruction set; ops_cpu.cpp picks one at run time. Inner loops use the 64-byte vectors of
+// CPU kernels of bn_backward_stats. Included once per instruction set by isa_builds.cpp, each time
+// inside its own namespace GS_CPU_ISA and compiled for that instruction set (so: no include
+// guard); ops_cpu.cpp picks one at run time. The arithmetic is bn_backward_passes.h, shared with
+// the CUDA kernels; this file decides how the CPU visits values. Inner loops use the 64-byte vectors of
 // vec.h, so accumulators live in registers whatever the vector width of the target.
 //
 // Passes over memory (m = N*H*W values per channel):
@@ -17,7 +18,6 @@
 // Rows are split into parts whose boundaries depend only on the shape; each (part, channel) is
 // computed the same way whichever thread runs it, and parts are merged in order, so results are
 // bitwise identical run to run and for any number of threads.
-#pragma once
 
 #include <algorithm>
 #include <cmath>
@@ -565,5 +565,19 @@ inline void bn_backward_stats(const BnBackwardProblem& p, ParallelFor parallel_f
 }
 
 }  // namespace GS_CPU_ISA
+}  // namespace cpu
+}  // namespace gradstats
+
+namespace gradstats {
+namespace cpu {
+#define GS_JOIN2(a, b) a##b
+#define GS_JOIN(a, b) GS_JOIN2(a, b)
+// This build's entry point (declared in isa_builds.h).
+void GS_JOIN(bn_backward_stats_, GS_CPU_ISA)(const BnBackwardProblem& p, ParallelFor parallel_for,
+                                             int num_threads) {
+  GS_CPU_ISA::bn_backward_stats(p, parallel_for, num_threads);
+}
+#undef GS_JOIN
+#undef GS_JOIN2
 }  // namespace cpu
 }  // namespace gradstats

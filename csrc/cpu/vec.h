@@ -4,11 +4,10 @@
 // type to the accumulation type; stores round back exactly as c10::Half / c10::BFloat16 do
 // (round to nearest even), so a vector store writes the bits a scalar static_cast would.
 //
-// Included by bn_backward_stats_kernel.h inside its instruction-set namespace, so every
-// definition here is compiled for that instruction set only.
+// Included by bn_backward_stats_kernel.h inside its instruction-set namespace, once per build (so:
+// no include guard), so every definition here is compiled for that instruction set only.
 // It includes nothing itself (an #include inside a namespace would be wrong): the kernel header
 // includes <cstdint>, <cstring> and the c10 Half/BFloat16 headers before its namespace opens.
-#pragma once
 
 #if defined(__GNUC__) && !defined(__clang__)
 // 64-byte vectors only cross function boundaries inside this file's always-inlined helpers.

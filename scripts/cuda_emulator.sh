@@ -12,15 +12,16 @@ root="$(cd "$(dirname "$0")/.." && pwd)"
 python="${PYTHON:-$( [ -x "$root/.venv/bin/python" ] && echo "$root/.venv/bin/python" || echo python3 )}"
 [ $# -ge 1 ] || { echo "usage: $0 CMD [ARGS...]" >&2; exit 2; }
 sanitize=()
-[ "${GRADSTATS_EMU_SANITIZE:-0}" = 1 ] && sanitize=(--sanitize)
+if [ "${GRADSTATS_EMU_SANITIZE:-0}" = 1 ]; then
+  sanitize=(--sanitize)
+  # The build imports the module it made, so ASan's runtime comes first there too.
+  export LD_PRELOAD="$(${CXX:-g++} -print-file-name=libasan.so)"
+  export ASAN_OPTIONS="detect_leaks=0:abort_on_error=1:halt_on_error=1:detect_stack_use_after_return=0"
+fi
 out="$("$python" "$root/csrc/cuda_emu/build.py" "$root/build/cuda_emu" "${sanitize[@]}")" || {
   echo "cuda_emulator.sh: the emulated build failed; see $root/build/cuda_emu/build.log" >&2
   exit 1
 }
-if [ "${GRADSTATS_EMU_SANITIZE:-0}" = 1 ]; then
-  export LD_PRELOAD="$(${CXX:-g++} -print-file-name=libasan.so)"
-  export ASAN_OPTIONS="detect_leaks=0:abort_on_error=1:halt_on_error=1:detect_stack_use_after_return=0"
-fi
 export PYTHONPATH="$out${PYTHONPATH:+:$PYTHONPATH}"
 export GRADSTATS_CUDA_EMU=1
 if [ "$1" = python ]; then shift; exec "$python" "$@"; fi

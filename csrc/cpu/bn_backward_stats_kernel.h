@@ -1,6 +1,7 @@
-// CPU kernels of bn_backward_stats. Included once per instruction set by the
-// bn_backward_stats_<isa>.cpp files, each inside its own namespace GS_CPU_ISA and compiled for that
-// instruction set; ops_cpu.cpp picks one at run time. Inner loops use the 64-byte vectors of
+// CPU kernels of bn_backward_stats. Included once per instruction set by isa_builds.cpp, each time
+// inside its own namespace GS_CPU_ISA and compiled for that instruction set (so: no include
+// guard); ops_cpu.cpp picks one at run time. The arithmetic is bn_backward_passes.h, shared with
+// the CUDA kernels; this file decides how the CPU visits values. Inner loops use the 64-byte vectors of
 // vec.h, so accumulators live in registers whatever the vector width of the target.
 //
 // Passes over memory (m = N*H*W values per channel):
@@ -17,7 +18,6 @@
 // Rows are split into parts whose boundaries depend only on the shape; each (part, channel) is
 // computed the same way whichever thread runs it, and parts are merged in order, so results are
 // bitwise identical run to run and for any number of threads.
-#pragma once
 
 #include <algorithm>
 #include <cmath>
@@ -68,12 +68,11 @@ constexpr int64_t kRowsPerChunk = 1024;
 constexpr int64_t kMaxRowsPerPart = 2048;
 // A task covers about this many values, so small channels are grouped and large ones split.
 constexpr int64_t kTaskValues = 1 << 16;
-// channels_last: channels per task. 512 (eight strips, see nhwc_task) beat 256 on the 512-channel
-// ResNet-50 shapes (1.13-1.20x native against 1.27-1.30x at 14x14) and 64 (one strip) lost to
-// 256 on all of them.
+// channels_last: channels per task: eight strips (see nhwc_task), so that a task's rows are long
+// enough for the prefetcher and its sums still fit in cache (history: bench/RESULTS.md).
 constexpr int64_t kChannelBlock = 512;
-// channels_last: how far ahead (in row blocks) each strip prefetches its own columns. One block
-// (~32 KB per tensor) measured best; two and four were 5-15% slower on DRAM-sized shapes.
+// channels_last: how far ahead (in row blocks) each strip prefetches its own columns: one block
+// (~32 KB per tensor) arrives in time without evicting the block being read.
 constexpr int64_t kPrefetchBlocks = 1;
 
 template <typename scalar_t>
@@ -345,9 +344,7 @@ void nhwc_task(const BnBackwardProblem& p, const Coeffs<acc_type_t<scalar_t>>& c
       }
       // The strips read a row block column by column, an order the hardware prefetcher does
       // not follow from DRAM: each strip asks for its own columns of the row one block ahead,
-      // a few lines per row processed (measured on DRAM-sized shapes, 2 threads: 1.3-1.4x ->
-      // 1.0-1.1x native; prefetching whole rows from the first strip only, a burst of every
-      // line of a row at once, got 1.3-1.4x).
+      // a few lines per row processed, spread out rather than in one burst per row.
       const int64_t ahead_rows = kPrefetchBlocks * block_rows;
       for (int64_t r = rb0; r < rb1; ++r) {
         if (r + ahead_rows < prefetch_end) {
@@ -568,5 +565,19 @@ inline void bn_backward_stats(const BnBackwardProblem& p, ParallelFor parallel_f
 }
 
 }  // namespace GS_CPU_ISA
+}  // namespace cpu
+}  // namespace gradstats
+
+namespace gradstats {
+namespace cpu {
+#define GS_JOIN2(a, b) a##b
+#define GS_JOIN(a, b) GS_JOIN2(a, b)
+// This build's entry point (declared in isa_builds.h).
+void GS_JOIN(bn_backward_stats_, GS_CPU_ISA)(const BnBackwardProblem& p, ParallelFor parallel_for,
+                                             int num_threads) {
+  GS_CPU_ISA::bn_backward_stats(p, parallel_for, num_threads);
+}
+#undef GS_JOIN
+#undef GS_JOIN2
 }  // namespace cpu
 }  // namespace gradstats

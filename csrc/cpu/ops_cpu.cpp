@@ -7,7 +7,7 @@
 
 #include "../bn_stats_math.h"
 #include "../ops.h"
-#include "isa.h"
+#include "isa_builds.h"
 
 namespace gradstats {
 namespace cpu {

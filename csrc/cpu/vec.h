@@ -4,11 +4,10 @@
 // type to the accumulation type; stores round back exactly as c10::Half / c10::BFloat16 do
 // (round to nearest even), so a vector store writes the bits a scalar static_cast would.
 //
-// Included by bn_backward_stats_kernel.h inside its instruction-set namespace, so every
-// definition here is compiled for that instruction set only.
+// Included by bn_backward_stats_kernel.h inside its instruction-set namespace, once per build (so:
+// no include guard), so every definition here is compiled for that instruction set only.
 // It includes nothing itself (an #include inside a namespace would be wrong): the kernel header
 // includes <cstdint>, <cstring> and the c10 Half/BFloat16 headers before its namespace opens.
-#pragma once
 
 #if defined(__GNUC__) && !defined(__clang__)
 // 64-byte vectors only cross function boundaries inside this file's always-inlined helpers.
@@ -106,10 +105,10 @@ struct Io<float> : IoSame<float> {};
 template <>
 struct Io<double> : IoSame<double> {};
 
-// 16 halves <-> 16 floats. GCC 12 turns __builtin_convertvector on _Float16 vectors into 16
-// scalar conversions with lane inserts (4-5x slower than PyTorch on fp16 tensors), so the
-// AVX-512 and AVX2 builds use the F16C instructions directly; rounding to nearest even, like
-// c10::Half. The baseline build (no F16C) keeps the portable form.
+// 16 halves <-> 16 floats. GCC turns __builtin_convertvector on _Float16 vectors into scalar
+// conversions with lane inserts, so the AVX-512 and AVX2 builds use the F16C instructions
+// directly; rounding to nearest even, like c10::Half. The baseline build (no F16C) keeps the
+// portable form.
 GS_VEC_INLINE VecOf<float>::type widen_half(const vec16_half& h) {
 #if defined(__x86_64__) && GS_CPU_ISA_LEVEL >= 2
   // The zero-masked forms here and below: the same instructions (all lanes kept), without GCC

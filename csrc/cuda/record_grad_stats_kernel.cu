@@ -25,8 +25,8 @@ cudaError_t launch_record_grad_stats(double* state, const double* stats, long lo
   if (gradients * channels == 0) return cudaSuccess;
   constexpr int kThreads = 256;
   const long long blocks = (gradients * channels + kThreads - 1) / kThreads;
-  GS_LAUNCH(static_cast<unsigned>(blocks), kThreads, 0, stream, record_grad_stats_kernel)(state, stats, gradients,
-                                                                                       channels, ema_decay);
+  GS_LAUNCH(static_cast<unsigned>(blocks), kThreads, 0, stream, record_grad_stats_kernel)(
+      state, stats, gradients, channels, ema_decay);
   return cudaGetLastError();
 }
 

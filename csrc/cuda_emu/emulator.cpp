@@ -197,8 +197,8 @@ void fiber_entry() {
   }
   --L.live;
   if (L.arrived > 0) {
-    report("thread (" + std::to_string(f.idx.x) + "," + std::to_string(f.idx.y) + "," + std::to_string(f.idx.z) +
-           ") exited while other threads of its block wait at __syncthreads()");
+    report("thread (" + std::to_string(f.idx.x) + "," + std::to_string(f.idx.y) + "," +
+           std::to_string(f.idx.z) + ") exited while other threads of its block wait at __syncthreads()");
     if (L.arrived == L.live) {  // release them, so the block can finish and report
       L.arrived = 0;
       ++L.epoch;
@@ -219,10 +219,10 @@ std::string kernel_and_block() {
 
 std::string thread_name(int linear) {
   const Launch& L = g_launch;
-  const unsigned x = linear % L.block.x, y = (linear / L.block.x) % L.block.y, z = linear / (L.block.x * L.block.y);
+  const unsigned x = linear % L.block.x, y = (linear / L.block.x) % L.block.y,
+                 z = linear / (L.block.x * L.block.y);
   return "thread (" + std::to_string(x) + "," + std::to_string(y) + "," + std::to_string(z) + ")";
 }
-
 
 }  // namespace
 
@@ -322,7 +322,9 @@ SharedSlot& shared_slot(const char* name, size_t bytes, size_t count) {
 void check_shared_access(SharedSlot& slot, size_t index, size_t count, bool write) {
   const Launch& L = g_launch;
   const int t = static_cast<int>(self().linear);
-  auto what = [&] { return std::string("shared array '") + slot.name + "' element " + std::to_string(index); };
+  auto what = [&] {
+    return std::string("shared array '") + slot.name + "' element " + std::to_string(index);
+  };
   if (index >= count) {
     report(thread_name(t) + (write ? " writes" : " reads") + " out of range: " + what() + " of " +
            std::to_string(count));

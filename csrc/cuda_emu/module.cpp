@@ -18,8 +18,8 @@ namespace {
 
 void check_launch(cudaError_t err, const char* op) {
   const std::string message = gs_emu::take_error_message();
-  TORCH_CHECK(err == cudaSuccess && message.empty(), op, ": CUDA emulator: ",
-              message.empty() ? "launch failed" : message);
+  TORCH_CHECK(err == cudaSuccess && message.empty(), op,
+              ": CUDA emulator: ", message.empty() ? "launch failed" : message);
 }
 
 void run(const BnBackwardProblem& problem, int64_t num_sms, const char* op) {
@@ -30,16 +30,16 @@ void run(const BnBackwardProblem& problem, int64_t num_sms, const char* op) {
   const at::Tensor workspace = at::empty({static_cast<int64_t>(bytes)}, at::kByte);
   gs_emu::take_error_message();
   gs_emu::take_last_error();
-  check_launch(cuda::launch_bn_backward_stats(problem, workspace.mutable_data_ptr(), static_cast<int>(num_sms),
-                                              nullptr),
+  check_launch(cuda::launch_bn_backward_stats(problem, workspace.mutable_data_ptr(),
+                                              static_cast<int>(num_sms), nullptr),
                op);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_backward_stats(
     const at::Tensor& grad_output, const at::Tensor& input, const c10::optional<at::Tensor>& weight,
     const at::Tensor& mean, const at::Tensor& invstd, bool training, bool grad_input_mask, int64_t num_sms) {
-  PreparedBnBackward p = prepare_bn_backward(grad_output, input, weight, mean, invstd, training, grad_input_mask,
-                                             c10::DeviceType::CPU);
+  PreparedBnBackward p = prepare_bn_backward(grad_output, input, weight, mean, invstd, training,
+                                             grad_input_mask, c10::DeviceType::CPU);
   run(p.problem, num_sms, "bn_backward_stats");
   return finish_bn_backward(p);
 }
@@ -54,9 +54,10 @@ void record_grad_stats_(const at::Tensor& state, const at::Tensor& stats, double
   check_record_grad_stats(state, stats, ema_decay, c10::DeviceType::CPU);
   gs_emu::take_error_message();
   gs_emu::take_last_error();
-  check_launch(cuda::launch_record_grad_stats(state.mutable_data_ptr<double>(), stats.const_data_ptr<double>(),
-                                              stats.size(0), stats.size(2), ema_decay, nullptr),
-               "record_grad_stats_");
+  check_launch(
+      cuda::launch_record_grad_stats(state.mutable_data_ptr<double>(), stats.const_data_ptr<double>(),
+                                     stats.size(0), stats.size(2), ema_decay, nullptr),
+      "record_grad_stats_");
 }
 
 }  // namespace

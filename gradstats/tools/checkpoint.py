@@ -38,12 +38,14 @@ def save_checkpoint(state: dict[str, Any], path: str) -> None:
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
     try:
+        # mkstemp makes it private; a checkpoint is an ordinary output file. fchmod, not chmod:
+        # in a shared folder the temporary's name could be swapped for a link before a chmod.
+        os.fchmod(fd, 0o644)
         with os.fdopen(fd, "wb") as f:
             f.write(header)
             f.write(payload)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; a checkpoint is an ordinary output file
         os.replace(tmp, path)
     except BaseException:
         try:

@@ -26,6 +26,7 @@ import numpy as np
 
 from ..extras import require
 from ..records import flatten
+from .safe_files import open_in, replace_in
 
 STATS_FILE = "stats.jsonl"
 
@@ -51,7 +52,7 @@ class StatsLog:
 
     def __init__(self, out: str, writers=()) -> None:
         self.path = os.path.join(out, STATS_FILE)
-        self.file = open(self.path, "a", encoding="utf-8")
+        self.file = open_in(out, STATS_FILE, "a")  # never appends through a link planted there
         self.writers = list(writers)
 
     def write(self, record: dict[str, Any], histograms: dict[str, np.ndarray] | None = None) -> None:
@@ -82,11 +83,13 @@ def read_records(path: str) -> list[dict[str, Any]]:
 
 def truncate_records(path: str, last_step: int) -> None:
     """Drops records after ``last_step`` (written after the checkpoint a run resumes from, and
-    about to be written again), and a last line cut short by a crash."""
-    if not os.path.exists(path):
+    about to be written again), and a last line cut short by a crash. A link at ``path`` is
+    refused (OSError naming it), not read: that would copy another file into the run folder."""
+    if not os.path.lexists(path):
         return
+    folder, name = os.path.split(path)
     kept = []
-    with open(path, encoding="utf-8") as f:
+    with open_in(folder, name, "r") as f:
         for line in f:
             try:
                 record = json.loads(line)
@@ -95,10 +98,7 @@ def truncate_records(path: str, last_step: int) -> None:
             if record["step"] > last_step:
                 break
             kept.append(line if line.endswith("\n") else line + "\n")
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.writelines(kept)
-    os.replace(tmp, path)
+    replace_in(folder, name, lambda f: f.writelines(kept))
 
 
 # -- plots ----------------------------------------------------------------------------------------
@@ -106,8 +106,9 @@ def truncate_records(path: str, last_step: int) -> None:
 
 def plot_block_variance(records: list[dict[str, Any]], out: str) -> list[str]:
     """Two PNGs in ``out``: gradient variance per residual block over training (heat map, block
-    x logged step, log10 colour) and the per-block curve at the first and last logged steps.
-    Returns their paths (none without records holding block statistics)."""
+    x logged step, log10 colour) and the per-block curve at the first and last logged steps,
+    each a new file renamed over its name (gradstats.tools.safe_files.replace_in). Returns their
+    paths (none without records holding block statistics)."""
     records = [r for r in records if r["blocks"] and r["blocks"][0].get("grad_var") is not None]
     if not records:
         return []
@@ -121,7 +122,6 @@ def plot_block_variance(records: list[dict[str, Any]], out: str) -> list[str]:
     with np.errstate(divide="ignore", invalid="ignore"):
         logvar = np.log10(np.where(var > 0, var, np.nan))
 
-    heatmap = os.path.join(out, "grad_var_heatmap.png")
     fig, ax = plt.subplots(
         figsize=(max(7.5, min(14.0, 0.15 * len(steps) + 5)), max(3.5, 0.22 * len(names) + 1.8))
     )
@@ -140,10 +140,9 @@ def plot_block_variance(records: list[dict[str, Any]], out: str) -> list[str]:
     ax.set_title("gradient variance at block outputs (mean over channels)", fontsize=10)
     fig.colorbar(image, ax=ax, label="log10 variance")
     fig.tight_layout()
-    fig.savefig(heatmap, dpi=110)
+    heatmap = replace_in(out, "grad_var_heatmap.png", lambda f: fig.savefig(f, format="png", dpi=110), True)
     plt.close(fig)
 
-    curves = os.path.join(out, "grad_var_blocks.png")
     fig, ax = plt.subplots(figsize=(max(7.0, 0.3 * len(names) + 2), 4.5))
     for index, style in ((0, "o-"), (len(records) - 1, "s--")):
         ax.plot(range(len(names)), var[:, index], style, ms=3, label=f"step {steps[index]}")
@@ -158,6 +157,6 @@ def plot_block_variance(records: list[dict[str, Any]], out: str) -> list[str]:
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(curves, dpi=110)
+    curves = replace_in(out, "grad_var_blocks.png", lambda f: fig.savefig(f, format="png", dpi=110), True)
     plt.close(fig)
     return [heatmap, curves]

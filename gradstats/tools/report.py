@@ -24,7 +24,6 @@ import io
 import json
 import math
 import os
-import tempfile
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,6 +31,7 @@ import numpy as np
 
 from .data import DataError
 from .logs import STATS_FILE
+from .safe_files import replace_in
 
 SUMMARY_FILE = "summary.json"
 REPORT_FILE = "report.html"
@@ -482,15 +482,7 @@ def write_report(run_dir: str, out: str | None = None) -> str:
         raise ValueError(f"--out {out!r}: folder {folder!r} does not exist")
     # A new file renamed over ``out``: a symlink planted at ``out`` in a shared folder is
     # replaced, never written through.
-    fd, tmp = tempfile.mkstemp(prefix=".report-", suffix=".html.tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(page)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, out)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    replace_in(folder, os.path.basename(out), lambda f: f.write(page))
     return out
 
 

@@ -34,6 +34,7 @@ from ..syncbn import convert_sync_batchnorm
 from . import launch, logs
 from .checkpoint import save_checkpoint
 from .options import check_choice, check_min, check_range
+from .safe_files import replace_in
 from .sources import BatchPlan, open_source
 from .writers import TensorBoardWriter, WandbWriter, channel_log10_variances
 
@@ -232,8 +233,8 @@ class Trainer:
         self.stats_path = os.path.join(config.out, logs.STATS_FILE)
         if ctx.is_main:
             os.makedirs(config.out, exist_ok=True)
-            if resume is None:
-                open(self.stats_path, "w").close()
+            if resume is None:  # a new empty file (a link planted at the name is replaced)
+                replace_in(config.out, logs.STATS_FILE, lambda f: None)
             else:
                 logs.truncate_records(self.stats_path, self.step)
         self.stats = logs.StatsLog(config.out, self.writers()) if ctx.is_main else _NoLog()
@@ -514,9 +515,11 @@ class Trainer:
             "plots": [os.path.basename(p) for p in plots],
             "alerts": self.history["alerts"],
         }
-        path = os.path.join(self.config.out, "summary.json")
-        with open(path, "w", encoding="utf-8") as f:
-            json.dump(logs.finite(summary), f, indent=1, allow_nan=False)
+        path = replace_in(
+            self.config.out,
+            "summary.json",
+            lambda f: json.dump(logs.finite(summary), f, indent=1, allow_nan=False),
+        )
         self.log(f"wrote {path}" + "".join(f", {p}" for p in plots))
         return summary
 

@@ -14,6 +14,7 @@ from torch import Tensor
 from ..extras import require
 from ..records import BLOCK_GRADIENTS, BN_GRADIENTS, stage_of
 from ..stats import ChannelStats
+from .safe_files import refuse_link
 
 HISTOGRAM_BINS = 30
 
@@ -44,9 +45,11 @@ def histogram(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 class TensorBoardWriter:
     """Scalars and histograms to OUT/tensorboard. ``purge_step``: a resumed run's first step,
-    so that events a crashed run wrote after its checkpoint are hidden, not duplicated."""
+    so that events a crashed run wrote after its checkpoint are hidden, not duplicated. A link
+    at OUT/tensorboard is refused (the library would write through it)."""
 
     def __init__(self, out: str, purge_step: int | None = None) -> None:
+        refuse_link(out, "tensorboard")
         tensorboard = require("torch.utils.tensorboard", "TensorBoard logging")
         self.writer = tensorboard.SummaryWriter(os.path.join(out, "tensorboard"), purge_step=purge_step)
 
@@ -77,9 +80,11 @@ class TensorBoardWriter:
 
 class WandbWriter:
     """The same to a Weights & Biases run of ``project`` (files in OUT/wandb; offline with
-    WANDB_MODE=offline). ``run_id``: the run to continue on --resume."""
+    WANDB_MODE=offline). ``run_id``: the run to continue on --resume. A link at OUT/wandb is
+    refused (the library would write through it)."""
 
     def __init__(self, out: str, project: str, config: dict, run_id: str | None = None) -> None:
+        refuse_link(out, "wandb")
         self.wandb = require("wandb", "--wandb")
         self.run = self.wandb.init(
             project=project, dir=out, config=config, id=run_id, resume="allow" if run_id else None

@@ -20,7 +20,6 @@ Public API:
     bn_backward_stats     the fused operator (torch.ops.gradstats.bn_backward_stats)
 """
 
-from . import nn  # noqa: F401, I001  (transitional, see nn.py; not public API)
 from .amp import track_grad_scaler
 from .convert import (
     batchnorms,
@@ -33,9 +32,9 @@ from .convert import (
 )
 from .distributed import all_reduce_grad_stats
 from .modules import GradProbe, GradStatBatchNorm1d, GradStatBatchNorm2d, GradStatBatchNorm3d, recording_class
-from .records import metrics
 from .nonfinite import first_nonfinite
 from .ops import bn_backward_stats, channel_moments, cpu_capability, cuda_kernels_built
+from .records import metrics
 from .stats import ChannelStats, GradStats
 from .syncbn import GradStatSyncBatchNorm, GradStatSyncBatchNorm2d, convert_sync_batchnorm
 

@@ -220,13 +220,6 @@ def instrument(
     return model
 
 
-def gradstats_buffer_names(model: nn.Module) -> list[str]:
-    """Fully qualified names of every gradstats statistics state in ``model`` (the keys of
-    grad_stats_state_dict). They are not buffers since gradstats 0.2: DistributedDataParallel
-    leaves them alone without being told."""
-    return list(grad_stats_state_dict(model))
-
-
 def probes(model: nn.Module) -> list[tuple[str, GradProbe]]:
     """(name, probe) of every GradProbe in ``model``, in module order (input side first for the
     models gradstats instruments)."""

@@ -25,17 +25,25 @@ CUDA = CUDA_DEVICE_PRESENT or CUDA_EMULATED
 # The device the "cuda" cases put their tensors on.
 CUDA_DEVICE = "cpu" if CUDA_EMULATED else "cuda"
 
-_SKIP_WITHOUT_CUDA = pytest.mark.skipif(not CUDA, reason="needs a CUDA device and the CUDA build, or the emulator")
-_SKIP_WITHOUT_DEVICE = pytest.mark.skipif(not CUDA_DEVICE_PRESENT, reason="needs a CUDA device and the CUDA build")
+_SKIP_WITHOUT_CUDA = pytest.mark.skipif(
+    not CUDA, reason="needs a CUDA device and the CUDA build, or the emulator"
+)
+_SKIP_WITHOUT_DEVICE = pytest.mark.skipif(
+    not CUDA_DEVICE_PRESENT, reason="needs a CUDA device and the CUDA build"
+)
 
 # Emulated, every CPU op call runs the CUDA kernels: the one "cuda" case is the CPU device.
-DEVICES = ([pytest.param(CUDA_DEVICE, id="cuda", marks=[pytest.mark.cuda])] if CUDA_EMULATED else
-           ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, _SKIP_WITHOUT_CUDA])])
+DEVICES = (
+    [pytest.param(CUDA_DEVICE, id="cuda", marks=[pytest.mark.cuda])]
+    if CUDA_EMULATED
+    else ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, _SKIP_WITHOUT_CUDA])]
+)
 
 
 def needs_cuda(test):
     """Marks a test that needs a real CUDA device and gradstats' CUDA kernels."""
     return pytest.mark.cuda(_SKIP_WITHOUT_DEVICE(test))
+
 
 FLOAT_DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 
@@ -83,8 +91,18 @@ def assert_close_scaled(actual, expected, scale, tol, what, atol=0.0):
     )
 
 
-def make_bn_inputs(shape, dtype, device, *, channels_last=False, affine=True, seed=0,
-                   dy_offset=0.5, x_scale=3.0, x_offset=1.0):
+def make_bn_inputs(
+    shape,
+    dtype,
+    device,
+    *,
+    channels_last=False,
+    affine=True,
+    seed=0,
+    dy_offset=0.5,
+    x_scale=3.0,
+    x_offset=1.0,
+):
     """Random (dy, x, weight, mean, invstd) as the forward of a batch norm would save them:
     mean and invstd are the batch statistics of x (computed in float64, stored in the
     accumulation dtype)."""

@@ -35,9 +35,12 @@ PLANS = [
 
 
 # Every dtype on every plan for 2 multiprocessors; float32 (the mutants' cases) for all three counts.
-@pytest.mark.parametrize("num_sms, dtype", [(1, torch.float32), (132, torch.float32)] +
-                         [(2, d) for d in (torch.float32, torch.float64, torch.float16, torch.bfloat16)],
-                         ids=["1-float32", "132-float32", "2-float32", "2-float64", "2-float16", "2-bfloat16"])
+@pytest.mark.parametrize(
+    "num_sms, dtype",
+    [(1, torch.float32), (132, torch.float32)]
+    + [(2, d) for d in (torch.float32, torch.float64, torch.float16, torch.bfloat16)],
+    ids=["1-float32", "132-float32", "2-float32", "2-float64", "2-float16", "2-bfloat16"],
+)
 @pytest.mark.parametrize("plan", PLANS, ids=lambda p: "x".join(map(str, p[0])) + ("_cl" if p[1] else ""))
 def test_grids_of_several_blocks_match_reference(plan, num_sms, dtype):
     shape, channels_last = plan

@@ -16,23 +16,36 @@ import os
 
 import pytest
 import torch
+from conftest import CUDA, CUDA_DEVICE, CUDA_EMULATED, TOL, accumulation_dtype
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
+from test_op import check_against_reference
 
 from gradstats.ops import bn_backward_stats, channel_moments
 from gradstats.reference import bn_backward_formula
 from gradstats.reference import channel_moments as reference_moments
 
-from conftest import CUDA, CUDA_DEVICE, CUDA_EMULATED, TOL, accumulation_dtype
-from test_op import check_against_reference
-
-settings.register_profile("ci", max_examples=2000, deadline=None, derandomize=True,
-                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-settings.register_profile("thorough", max_examples=50000, deadline=None,
-                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+settings.register_profile(
+    "ci",
+    max_examples=2000,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+settings.register_profile(
+    "thorough",
+    max_examples=50000,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
 # under AddressSanitizer (scripts/sanitize.sh), where everything runs a few times slower
-settings.register_profile("sanitize", max_examples=300, deadline=None, derandomize=True,
-                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+settings.register_profile(
+    "sanitize",
+    max_examples=300,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
@@ -87,7 +100,10 @@ def _materialise(shape, dtype, layout, scale, offset, x_offset, seed, device):
     elif layout == "expanded":  # one sample repeated N times: stride 0 along N
         dy = dy[:1].expand(n, c, h, w)
     elif layout == "channels_last":
-        dy, x = dy.contiguous(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+        dy, x = (
+            dy.contiguous(memory_format=torch.channels_last),
+            x.contiguous(memory_format=torch.channels_last),
+        )
     elif layout == "mixed":
         x = x.contiguous(memory_format=torch.channels_last)
     return dy.to(device), x.to(device)
@@ -97,7 +113,11 @@ def _params(x, affine, seed, device):
     acc = accumulation_dtype(x.dtype)
     g = torch.Generator().manual_seed(seed + 1)
     channels = x.shape[1]
-    weight = (torch.rand(channels, generator=g, dtype=torch.float64) * 2 - 1).to(acc).to(device) if affine else None
+    weight = (
+        (torch.rand(channels, generator=g, dtype=torch.float64) * 2 - 1).to(acc).to(device)
+        if affine
+        else None
+    )
     x64 = x.double()
     mean = x64.mean((0, 2, 3))
     invstd = (x64.var((0, 2, 3), correction=0) + 1e-5 * x64.abs().amax().clamp_min(1e-30) ** 2).rsqrt()
@@ -110,8 +130,14 @@ def _run(problem, device):
     weight, mean, invstd = _params(x, affine, seed, device)
     # A dx beyond the storage type's range is stored as inf, by PyTorch as by us; that path is
     # tested on its own (test_nonfinite.py), here the values must be representable.
-    reference_dx = bn_backward_formula(dy.double(), x.double(), None if weight is None else weight.double(),
-                                       mean.double(), invstd.double(), training)[0]
+    reference_dx = bn_backward_formula(
+        dy.double(),
+        x.double(),
+        None if weight is None else weight.double(),
+        mean.double(),
+        invstd.double(),
+        training,
+    )[0]
     assume(bool(reference_dx.abs().max() < torch.finfo(dtype).max / 2))
     out = bn_backward_stats(dy, x, weight, mean, invstd, training, True)
     check_against_reference(out, dy, x, weight, mean, invstd, training, True, dtype)

@@ -8,14 +8,13 @@ import math
 
 import pytest
 import torch
+from conftest import DEVICES, FLOAT_DTYPES, TOL, make_bn_inputs, seed_for
 from torch import nn
 
 import gradstats
 from gradstats import GradStatBatchNorm2d, channel_moments, first_nonfinite
 from gradstats.ops import bn_backward_stats
 from gradstats.reference import channel_moments as reference_moments
-
-from conftest import DEVICES, FLOAT_DTYPES, TOL, make_bn_inputs, seed_for
 
 
 def _poison(t, seed):
@@ -35,7 +34,9 @@ def _assert_stats_match(stats, reference, tol, what):
     assert torch.equal(count, r_count) and torch.equal(nonfinite, r_nonfinite), what
     have = r_count > 0
     scale = r_m2[have].clamp_min(1e-300)
-    assert torch.allclose(mean[have], r_mean[have], rtol=tol, atol=tol * (r_m2[have] / r_count[have]).sqrt().max().item())
+    assert torch.allclose(
+        mean[have], r_mean[have], rtol=tol, atol=tol * (r_m2[have] / r_count[have]).sqrt().max().item()
+    )
     assert ((m2[have] - r_m2[have]).abs() <= tol * scale + 1e-300).all(), what
 
 
@@ -44,23 +45,46 @@ def _assert_stats_match(stats, reference, tol, what):
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_nonfinite_grad_output(device, dtype, channels_last, training):
-    dy, x, w, mean, invstd = make_bn_inputs((6, 3, 9, 11), dtype, device, channels_last=channels_last,
-                                            seed=seed_for(device, dtype, channels_last, training))
+    dy, x, w, mean, invstd = make_bn_inputs(
+        (6, 3, 9, 11),
+        dtype,
+        device,
+        channels_last=channels_last,
+        seed=seed_for(device, dtype, channels_last, training),
+    )
     dy = _poison(dy, 0)
     grad_input, grad_weight, grad_bias, stats = bn_backward_stats(dy, x, w, mean, invstd, training, True)
 
     # The gradients are exactly what PyTorch's backward makes of them, NaN and Inf included.
-    native = torch.ops.aten.native_batch_norm_backward(dy, x, w, None, None, mean, invstd, training, 1e-5,
-                                                       [True, True, True]) if training else \
-        torch.ops.aten.native_batch_norm_backward(dy, x, w, mean, (1 / invstd.double() ** 2 - 1e-5).to(mean.dtype),
-                                                  None, None, False, 1e-5, [True, True, True])
+    native = (
+        torch.ops.aten.native_batch_norm_backward(
+            dy, x, w, None, None, mean, invstd, training, 1e-5, [True, True, True]
+        )
+        if training
+        else torch.ops.aten.native_batch_norm_backward(
+            dy,
+            x,
+            w,
+            mean,
+            (1 / invstd.double() ** 2 - 1e-5).to(mean.dtype),
+            None,
+            None,
+            False,
+            1e-5,
+            [True, True, True],
+        )
+    )
     for ours, theirs in zip((grad_input, grad_weight, grad_bias), native):
         assert torch.equal(torch.isnan(ours), torch.isnan(theirs))
         assert torch.equal(torch.isinf(ours), torch.isinf(theirs))
         finite = torch.isfinite(theirs)
         if finite.any():
-            assert torch.allclose(ours[finite].double(), theirs[finite].double(), rtol=50 * TOL[dtype],
-                                  atol=50 * TOL[dtype] * theirs[finite].double().abs().max().item())
+            assert torch.allclose(
+                ours[finite].double(),
+                theirs[finite].double(),
+                rtol=50 * TOL[dtype],
+                atol=50 * TOL[dtype] * theirs[finite].double().abs().max().item(),
+            )
 
     # Statistics: counts of finite and non-finite values, moments of the finite ones.
     _assert_stats_match(stats[0], reference_moments(dy), TOL[dtype], "dy")
@@ -151,10 +175,19 @@ class _Exploding(nn.Module):
 def test_first_nonfinite_names_the_layer():
     torch.manual_seed(1)
     model = nn.Sequential(
-        nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
-        nn.Conv2d(4, 4, 3, padding=1), _Exploding(), nn.BatchNorm2d(4), nn.ReLU(),
-        nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2),
+        nn.Conv2d(3, 4, 3, padding=1),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.Conv2d(4, 4, 3, padding=1),
+        _Exploding(),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.Conv2d(4, 4, 3, padding=1),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(4, 2),
     )
     gradstats.convert_batchnorm(model)
     x = torch.randn(4, 3, 6, 6)
@@ -214,10 +247,15 @@ def test_first_nonfinite_after_a_compiled_backward():
     """A compiled graph runs no Python hooks in its backward: the modules note no backward order
     and first_nonfinite walks the reverse registration order instead."""
     torch.manual_seed(3)
-    model = gradstats.convert_batchnorm(nn.Sequential(
-        nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
-        nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4),
-    ))
+    model = gradstats.convert_batchnorm(
+        nn.Sequential(
+            nn.Conv2d(3, 4, 3, padding=1),
+            nn.BatchNorm2d(4),
+            nn.ReLU(),
+            nn.Conv2d(4, 4, 3, padding=1),
+            nn.BatchNorm2d(4),
+        )
+    )
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
     (compiled(torch.randn(4, 3, 6, 6)).sum() * float("nan")).backward()
     assert [m._backward_seq for m in (model[1], model[4])] == [0, 0]

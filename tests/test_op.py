@@ -4,26 +4,34 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import (
+    DEVICES,
+    FLOAT_DTYPES,
+    TOL,
+    assert_close_scaled,
+    make_bn_inputs,
+    needs_cuda,
+    seed_for,
+    subnormal_spacing,
+)
 
 from gradstats.ops import bn_backward_stats
 from gradstats.reference import bn_backward_stats_reference
 
-from conftest import (DEVICES, FLOAT_DTYPES, TOL, assert_close_scaled, make_bn_inputs, needs_cuda, seed_for,
-                      subnormal_spacing)
-
 SHAPES = [
-    (2, 5, 1, 1),     # N*H*W = 2: the smallest batch training allows
-    (1, 3, 1, 2),     # N*H*W = 2 with N = 1
-    (4, 3, 5, 7),     # odd everything
-    (3, 17, 9, 9),    # C not a multiple of any vector or block width
+    (2, 5, 1, 1),  # N*H*W = 2: the smallest batch training allows
+    (1, 3, 1, 2),  # N*H*W = 2 with N = 1
+    (4, 3, 5, 7),  # odd everything
+    (3, 17, 9, 9),  # C not a multiple of any vector or block width
     (2, 1000, 2, 2),  # C = 1000 (channels_last: two channel blocks)
-    (5, 48, 4, 4),    # channels_last: three vectors per row
-    (3, 300, 2, 3),   # channels_last: strips of 4 and of 1 vector and a scalar tail
+    (5, 48, 4, 4),  # channels_last: three vectors per row
+    (3, 300, 2, 3),  # channels_last: strips of 4 and of 1 vector and a scalar tail
     (4, 40, 36, 36),  # channels_last: 5184 rows, several parts of two chunks
     (2, 16, 33, 33),  # H*W not a multiple of the vector width
-    (1, 2, 130, 130), # > 8192 values per channel: several chunks per task
-    (7, 1, 3, 3),     # a single channel
+    (1, 2, 130, 130),  # > 8192 values per channel: several chunks per task
+    (7, 1, 3, 3),  # a single channel
 ]
+
 
 def _per_channel(t):
     return t.reshape(1, -1, 1, 1)
@@ -42,7 +50,9 @@ def check_against_reference(out, dy, x, weight, mean, invstd, training, grad_inp
     # Rounding is proportional to the magnitude of the terms of each result, not to the result
     # (which may cancel to ~0, as dx does when N*H*W = 2).
     terms_dx = _per_channel(scale.abs()) * (
-        dy64.abs() + _per_channel(dy64.abs().mean(dims)) + x_hat.abs() * _per_channel((dy64 * x_hat).abs().mean(dims))
+        dy64.abs()
+        + _per_channel(dy64.abs().mean(dims))
+        + x_hat.abs() * _per_channel((dy64 * x_hat).abs().mean(dims))
     )
     if grad_input_mask:
         assert grad_input.shape == x.shape and grad_input.dtype == x.dtype
@@ -70,8 +80,14 @@ def check_against_reference(out, dy, x, weight, mean, invstd, training, grad_inp
         # The float64 reference rounds its own mean: a variance of exactly 0 comes out as
         # ~(ulp of the mean)^2, which no relative tolerance covers.
         reference_rounding = 16 * (torch.finfo(torch.float64).eps * terms.mean(dims)) ** 2
-        assert_close_scaled(stats[which, 2] / m, ref_var, var_scale, tol, f"var({name})",
-                            atol=reference_rounding + 2 * ref_var.sqrt() * sub + sub**2)
+        assert_close_scaled(
+            stats[which, 2] / m,
+            ref_var,
+            var_scale,
+            tol,
+            f"var({name})",
+            atol=reference_rounding + 2 * ref_var.sqrt() * sub + sub**2,
+        )
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -101,8 +117,13 @@ def test_large_grad_input_streamed_past_the_caches_cpu(channels_last, shape):
     are not whole vectors apart)."""
     assert torch.Size(shape).numel() * 4 >= 16 << 20
     for training in (True, False):
-        dy, x, weight, mean, invstd = make_bn_inputs(shape, torch.float32, "cpu", channels_last=channels_last,
-                                                     seed=seed_for("cpu", channels_last, shape, training))
+        dy, x, weight, mean, invstd = make_bn_inputs(
+            shape,
+            torch.float32,
+            "cpu",
+            channels_last=channels_last,
+            seed=seed_for("cpu", channels_last, shape, training),
+        )
         out = bn_backward_stats(dy, x, weight, mean, invstd, training, True)
         check_against_reference(out, dy, x, weight, mean, invstd, training, True, torch.float32)
 
@@ -138,10 +159,13 @@ def test_large_offset_variance(device, channels_last, training):
     float64 truth. The textbook sum(v^2) - sum(v)^2/n in float32 fails here (checked below, so
     this test cannot pass by accident on easy data)."""
     shape = (16, 8, 24, 24)
-    dy, x, weight, mean, invstd = make_bn_inputs(shape, torch.float32, device, channels_last=channels_last,
-                                                 seed=11, dy_offset=0.0)
+    dy, x, weight, mean, invstd = make_bn_inputs(
+        shape, torch.float32, device, channels_last=channels_last, seed=11, dy_offset=0.0
+    )
     offsets = torch.linspace(-1e4, 1e4, shape[1], device=device).reshape(1, -1, 1, 1)
-    dy = (dy + offsets).contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    dy = (dy + offsets).contiguous(
+        memory_format=torch.channels_last if channels_last else torch.contiguous_format
+    )
     _, _, _, stats = bn_backward_stats(dy, x, weight, mean, invstd, training, True)
     dy64 = dy.double()
     true_var = dy64.var((0, 2, 3), correction=0)
@@ -160,8 +184,9 @@ def test_large_offset_variance(device, channels_last, training):
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
 def test_train_identities(device, channels_last):
     """Train mode: per channel, mean(dx) = 0 and sum(x_hat * dx) = 0 up to rounding."""
-    dy, x, weight, mean, invstd = make_bn_inputs((8, 12, 10, 10), torch.float32, device,
-                                                 channels_last=channels_last, seed=3, dy_offset=2.0)
+    dy, x, weight, mean, invstd = make_bn_inputs(
+        (8, 12, 10, 10), torch.float32, device, channels_last=channels_last, seed=3, dy_offset=2.0
+    )
     grad_input, _, _, stats = bn_backward_stats(dy, x, weight, mean, invstd, True, True)
     dx = grad_input.double()
     x_hat = (x.double() - _per_channel(mean.double())) * _per_channel(invstd.double())
@@ -201,28 +226,36 @@ def test_cpu_results_do_not_depend_on_thread_count():
 
 # -- autograd -----------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
 def test_gradcheck_of_op(device, channels_last):
     """The op's own derivative (its autograd formula: the second derivative of batch norm)."""
-    dy, x, weight, mean, invstd = make_bn_inputs((3, 4, 3, 2), torch.float64, device,
-                                                 channels_last=channels_last, seed=1)
+    dy, x, weight, mean, invstd = make_bn_inputs(
+        (3, 4, 3, 2), torch.float64, device, channels_last=channels_last, seed=1
+    )
     inputs = [t.detach().requires_grad_() for t in (dy, x, weight, mean, invstd)]
     for training in (True, False):
-        fn = lambda *a: bn_backward_stats(*a, training, True)[:3]  # noqa: E731
+        fn = lambda *a, training=training: bn_backward_stats(*a, training, True)[:3]  # noqa: E731
         assert torch.autograd.gradcheck(fn, inputs)
         assert torch.autograd.gradgradcheck(fn, inputs)
 
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_opcheck(device):
-    for shape, channels_last, dtype in (((3, 4, 5, 2), False, torch.float32),
-                                        ((2, 6, 3, 3), True, torch.float64),
-                                        ((4, 3, 1, 1), False, torch.float16)):
-        dy, x, weight, mean, invstd = make_bn_inputs(shape, dtype, device, channels_last=channels_last, seed=2)
-        for args in ((dy, x, weight, mean, invstd, True, True),
-                     (dy, x, None, mean, invstd, False, True),
-                     (dy, x, weight, mean, invstd, True, False)):
+    for shape, channels_last, dtype in (
+        ((3, 4, 5, 2), False, torch.float32),
+        ((2, 6, 3, 3), True, torch.float64),
+        ((4, 3, 1, 1), False, torch.float16),
+    ):
+        dy, x, weight, mean, invstd = make_bn_inputs(
+            shape, dtype, device, channels_last=channels_last, seed=2
+        )
+        for args in (
+            (dy, x, weight, mean, invstd, True, True),
+            (dy, x, None, mean, invstd, False, True),
+            (dy, x, weight, mean, invstd, True, False),
+        ):
             torch.library.opcheck(torch.ops.gradstats.bn_backward_stats.default, args)
     state = torch.zeros(3, 2, 4, 4, dtype=torch.float64, device=device)
     stats = torch.rand(2, 4, 4, dtype=torch.float64, device=device) + 1
@@ -231,21 +264,62 @@ def test_opcheck(device):
 
 # -- bad input ----------------------------------------------------------------------------------
 
+
 def _valid(device="cpu"):
     return make_bn_inputs((4, 3, 5, 5), torch.float32, device, seed=4)
 
 
 BAD_CASES = {
-    "input_not_2d_to_5d": (lambda dy, x, w, m, i: (dy[0, 0, 0], x[0, 0, 0], w, m, i, True, True), ValueError, "input must be a 2-D to 5-D"),
-    "grad_output_shape": (lambda dy, x, w, m, i: (dy[:2], x, w, m, i, True, True), ValueError, "grad_output must have input's shape"),
-    "weight_channels": (lambda dy, x, w, m, i: (dy, x, w[:2], m, i, True, True), ValueError, "weight must have shape [3]"),
-    "mean_channels": (lambda dy, x, w, m, i: (dy, x, w, m[:2], i, True, True), ValueError, "mean must have shape [3]"),
-    "invstd_2d": (lambda dy, x, w, m, i: (dy, x, w, m, i[None], True, True), ValueError, "invstd must have shape [3]"),
-    "dtype_mismatch": (lambda dy, x, w, m, i: (dy.double(), x, w, m, i, True, True), TypeError, "grad_output must have input's dtype"),
-    "weight_dtype": (lambda dy, x, w, m, i: (dy, x, w.double(), m, i, True, True), TypeError, "weight must be"),
-    "integer_input": (lambda dy, x, w, m, i: (dy.long(), x.long(), w, m, i, True, True), TypeError, "input must be float32"),
-    "empty_batch": (lambda dy, x, w, m, i: (dy[:0], x[:0], w, m, i, True, True), ValueError, "no values per channel"),
-    "one_value_training": (lambda dy, x, w, m, i: (dy[:1, :, :1, :1], x[:1, :, :1, :1], w, m, i, True, True), ValueError, "more than 1 value per channel"),
+    "input_not_2d_to_5d": (
+        lambda dy, x, w, m, i: (dy[0, 0, 0], x[0, 0, 0], w, m, i, True, True),
+        ValueError,
+        "input must be a 2-D to 5-D",
+    ),
+    "grad_output_shape": (
+        lambda dy, x, w, m, i: (dy[:2], x, w, m, i, True, True),
+        ValueError,
+        "grad_output must have input's shape",
+    ),
+    "weight_channels": (
+        lambda dy, x, w, m, i: (dy, x, w[:2], m, i, True, True),
+        ValueError,
+        "weight must have shape [3]",
+    ),
+    "mean_channels": (
+        lambda dy, x, w, m, i: (dy, x, w, m[:2], i, True, True),
+        ValueError,
+        "mean must have shape [3]",
+    ),
+    "invstd_2d": (
+        lambda dy, x, w, m, i: (dy, x, w, m, i[None], True, True),
+        ValueError,
+        "invstd must have shape [3]",
+    ),
+    "dtype_mismatch": (
+        lambda dy, x, w, m, i: (dy.double(), x, w, m, i, True, True),
+        TypeError,
+        "grad_output must have input's dtype",
+    ),
+    "weight_dtype": (
+        lambda dy, x, w, m, i: (dy, x, w.double(), m, i, True, True),
+        TypeError,
+        "weight must be",
+    ),
+    "integer_input": (
+        lambda dy, x, w, m, i: (dy.long(), x.long(), w, m, i, True, True),
+        TypeError,
+        "input must be float32",
+    ),
+    "empty_batch": (
+        lambda dy, x, w, m, i: (dy[:0], x[:0], w, m, i, True, True),
+        ValueError,
+        "no values per channel",
+    ),
+    "one_value_training": (
+        lambda dy, x, w, m, i: (dy[:1, :, :1, :1], x[:1, :, :1, :1], w, m, i, True, True),
+        ValueError,
+        "more than 1 value per channel",
+    ),
 }
 
 

@@ -6,13 +6,12 @@ import copy
 
 import pytest
 import torch
+from conftest import DEVICES, FLOAT_DTYPES, TOL, assert_close_scaled, seed_for
 from torch import nn
 
 import gradstats
 from gradstats import GradProbe, channel_moments, instrument, probes
 from gradstats.models import VARIANTS, cifar_resnet_variant
-
-from conftest import DEVICES, FLOAT_DTYPES, TOL, assert_close_scaled, seed_for
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -181,15 +180,17 @@ def test_merge_moments_equals_the_statistics_of_all_values():
     values = torch.cat([t.transpose(0, 1).reshape(5, -1) for t in (a, b, c)], dim=1)  # [C, all]
     truth = reference_moments(values.unsqueeze(0).unsqueeze(3))  # as one (1, C, all, 1) tensor
     assert torch.allclose(merged, truth, rtol=1e-12, atol=1e-9)
-    stacked = merge_moments([torch.stack([reference_moments(a)] * 2), torch.stack([reference_moments(b)] * 2)])
+    stacked = merge_moments(
+        [torch.stack([reference_moments(a)] * 2), torch.stack([reference_moments(b)] * 2)]
+    )
     assert stacked.shape == (2, 4, 5)
     with pytest.raises(ValueError, match="share one shape"):
         merge_moments([reference_moments(a), reference_moments(a)[:, :3]])
 
 
-def test_gradstats_buffer_names():
+def test_grad_stats_state_dict_names_every_recording_module():
     model = instrument(cifar_resnet_variant("bn_skip", 8))
-    names = gradstats.nn.gradstats_buffer_names(model)
+    names = list(gradstats.grad_stats_state_dict(model))
     assert "bn1.grad_stats_state" in names and "layer1.0.grad_probe.grad_stats_state" in names
     assert all(n.endswith("grad_stats_state") for n in names)
     assert len(names) == len(gradstats.batchnorms(model)) + len(probes(model))

@@ -27,14 +27,17 @@ CSRC = os.path.dirname(HERE)
 def cuda_include() -> str:
     """A folder with cuda_fp16.h: CUDA_HOME's, the nvcc toolkit's, or the CUDA runtime wheel
     that a CUDA build of torch depends on."""
-    candidates = [os.path.join(os.environ[v], "include") for v in ("CUDA_HOME", "CUDA_PATH") if os.environ.get(v)]
+    candidates = [
+        os.path.join(os.environ[v], "include") for v in ("CUDA_HOME", "CUDA_PATH") if os.environ.get(v)
+    ]
     nvcc = shutil.which("nvcc")
     if nvcc:
         with tempfile.TemporaryDirectory() as tmp:
             src = os.path.join(tmp, "probe.cu")
             open(src, "w").close()
-            out = subprocess.run([nvcc, "--dryrun", "-c", src, "-o", os.path.join(tmp, "p.o")],
-                                 capture_output=True, text=True)
+            out = subprocess.run(
+                [nvcc, "--dryrun", "-c", src, "-o", os.path.join(tmp, "p.o")], capture_output=True, text=True
+            )
             top = re.search(r"^#\$ TOP=(.+)$", out.stdout + out.stderr, re.MULTILINE)
             if top:
                 candidates.append(os.path.join(top.group(1).strip(), "include"))
@@ -68,8 +71,15 @@ def main() -> None:
     flags = ["-O2", "-DGRADSTATS_CUDA_EMU", f"-I{include}", "-Wno-unknown-pragmas"]
     ldflags = []
     if sanitize:
-        flags = ["-O1", "-g", "-DGRADSTATS_CUDA_EMU", f"-I{include}", "-Wno-unknown-pragmas",
-                 "-fsanitize=address", "-fno-omit-frame-pointer"]
+        flags = [
+            "-O1",
+            "-g",
+            "-DGRADSTATS_CUDA_EMU",
+            f"-I{include}",
+            "-Wno-unknown-pragmas",
+            "-fsanitize=address",
+            "-fno-omit-frame-pointer",
+        ]
         ldflags = ["-fsanitize=address"]
     h = hashlib.sha256()
     for f in sources():
@@ -95,12 +105,21 @@ def main() -> None:
             stdout = os.dup(1)
             os.dup2(log.fileno(), 1)  # keep the compiler's chatter out of the caller's output
             try:
-                load(name="_gradstats_cuda_emu",
-                     sources=[os.path.join(HERE, "module.cpp"), os.path.join(HERE, "emulator.cpp"),
-                              os.path.join(HERE, "faulty_kernels.cpp"),
-                              os.path.join(CSRC, "ops_prepare.cpp")] + wrappers,
-                     extra_cflags=flags, extra_ldflags=ldflags, build_directory=objects, with_cuda=False,
-                     verbose=True)
+                load(
+                    name="_gradstats_cuda_emu",
+                    sources=[
+                        os.path.join(HERE, "module.cpp"),
+                        os.path.join(HERE, "emulator.cpp"),
+                        os.path.join(HERE, "faulty_kernels.cpp"),
+                        os.path.join(CSRC, "ops_prepare.cpp"),
+                    ]
+                    + wrappers,
+                    extra_cflags=flags,
+                    extra_ldflags=ldflags,
+                    build_directory=objects,
+                    with_cuda=False,
+                    verbose=True,
+                )
             finally:
                 os.dup2(stdout, 1)
         os.makedirs(out, exist_ok=True)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 
 import torch
-
 from _gradstats_cuda_emu import bn_backward_stats as _bn_backward_stats
 from _gradstats_cuda_emu import channel_moments as _channel_moments
 from _gradstats_cuda_emu import record_grad_stats_ as _record_grad_stats_
@@ -23,8 +22,9 @@ _installed_num_sms = [DEFAULT_NUM_SMS]
 _library = None
 
 
-def bn_backward_stats(grad_output, input, weight, mean, invstd, training, grad_input_mask=True, *,
-                      num_sms=DEFAULT_NUM_SMS):
+def bn_backward_stats(
+    grad_output, input, weight, mean, invstd, training, grad_input_mask=True, *, num_sms=DEFAULT_NUM_SMS
+):
     return _bn_backward_stats(grad_output, input, weight, mean, invstd, training, grad_input_mask, num_sms)
 
 
@@ -61,8 +61,7 @@ def install_as_cpu_kernels() -> None:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*Overriding a previously registered kernel.*")
         warnings.filterwarnings("ignore", message=".*Warning only once for all operators.*")
-        lib.impl("bn_backward_stats",
-                 lambda *a: _bn_backward_stats(*a, _installed_num_sms[0]), "CPU")
+        lib.impl("bn_backward_stats", lambda *a: _bn_backward_stats(*a, _installed_num_sms[0]), "CPU")
         lib.impl("channel_moments", lambda x: _channel_moments(x, _installed_num_sms[0]), "CPU")
         lib.impl("record_grad_stats_", _record_grad_stats_, "CPU")
     _library = lib

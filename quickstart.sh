@@ -19,18 +19,20 @@ python -c "import torch" 2>/dev/null || pip install --quiet "torch>=2.6"
 pip install --quiet numpy
 extras="[tools]"   # the demo's data and plots
 if [ "$what" = test ]; then
-  extras="[test]"    # the tools, TensorBoard, Weights & Biases, Lightning, pytest, ruff
-  # torchvision (the `data` extra: instrument() also probes its ResNets, `train` streams
-  # ImageFolder data with it): only the release built for
-  # this torch works beside it (torch 2.X.Y <-> torchvision 0.(X+15).Y), so ask for that one
-  # and never let it replace torch. If it is not available, its tests skip.
-  if ! python -c "import torchvision" 2>/dev/null; then
-    tv=$(python -c "import torch; v = torch.__version__.split('+')[0].split('.'); print(f'0.{int(v[1]) + 15}.{v[2]}')")
-    pip install --quiet --no-deps "torchvision==$tv" || echo "torchvision $tv unavailable: its tests will skip"
-  fi
+  extras="[test]"    # the tools, TensorBoard, Weights & Biases, Lightning, timm, pytest, ruff
 fi
+# torchvision (the `data` extra: instrument() also probes its ResNets, `train` streams
+# ImageFolder data with it): only the release built for this torch works beside it
+# (torch 2.X.Y <-> torchvision 0.(X+15).Y), so ask for that one and never let pip replace torch
+# (the constraint below pins the torch gradstats is built against). If that torchvision is not
+# available, the install of the extras says so.
+if ! python -c "import torchvision" 2>/dev/null; then
+  tv=$(python -c "import torch; v = torch.__version__.split('+')[0].split('.'); print(f'0.{int(v[1]) + 15}.{v[2]}')")
+  pip install --quiet --no-deps "torchvision==$tv" || echo "torchvision $tv unavailable here"
+fi
+python -c "import torch; print('torch==' + torch.__version__.split('+')[0])" > .venv/torch-pin.txt
 # --no-build-isolation: build against the torch installed above, not a fresh one.
-pip install --quiet --no-build-isolation ".$extras"
+pip install --quiet --no-build-isolation --constraint .venv/torch-pin.txt ".$extras"
 
 if [ "$what" = demo ]; then
   exec gradstats demo

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import math
 import statistics
 import time
 from collections.abc import Iterator
@@ -29,7 +30,7 @@ from ..records import layer_summaries
 from ..summary import summarize_channels
 from .data import ImageData, load_dataset
 from .logs import finite
-from .options import check_choice, check_min, resolve_device
+from .options import check_choice, check_min, check_range, resolve_device
 from .sampling import BatchSampler
 
 MAIN_VARIANTS = ["bn_skip", "bn", "skip", "plain"]
@@ -42,7 +43,7 @@ class AnalysisConfig:
     preact: bool = False
     batch_size: int = 128
     batches: int = 2
-    width: int = 1
+    width: float = 1.0
     steps: int = 0
     lr: float = 0.05
     data: str = "builtin"
@@ -325,7 +326,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preact", action="store_true", help="pre-activation blocks (He et al. 2016b)")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--batches", type=int, default=2, help="forward/backward passes measured per point")
-    parser.add_argument("--width", type=int, default=1, help="channel multiplier (16, 32, 64 times width)")
+    parser.add_argument(
+        "--width",
+        type=float,
+        default=1.0,
+        help="channel multiplier, a positive real (16, 32, 64 times width)",
+    )
     parser.add_argument("--steps", type=int, default=0, help="also analyse after this many SGD steps")
     parser.add_argument("--lr", type=float, default=0.05, help="SGD learning rate for --steps")
     parser.add_argument(
@@ -350,7 +356,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> AnalysisConfig:
-    check_min(args, ("batch_size", "batches", "width"), 1)
+    check_min(args, ("batch_size", "batches"), 1)
+    check_range(args, "width", 0, math.inf)
     check_min(args, ("steps",), 0)
     config = AnalysisConfig(
         depth=args.depth,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..extras import MissingExtra
 from . import analyze, compare_shapes, demo, report, train
 from .bench import cli as bench
 
@@ -57,7 +58,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.run(args)
-    except (ValueError, OSError) as error:  # bad options or data: say what, not a traceback
+    # Bad options or data, or an optional package missing (MissingExtra names its pip extra):
+    # say what, not a traceback.
+    except (ValueError, OSError, MissingExtra) as error:
         parser.exit(2, f"gradstats {args.command}: error: {error}\n")
 
 

@@ -11,7 +11,7 @@ def check_min(options, names, minimum: int) -> None:
     ``minimum``."""
     for name in names:
         value = getattr(options, name)
-        if value < minimum:
+        if not value >= minimum:  # NaN too
             bound = ">= 0" if minimum == 0 else f"at least {minimum}"
             raise ValueError(f"--{name.replace('_', '-')} must be {bound}, got {value}")
 
@@ -32,7 +32,7 @@ def check_range(options, name: str, low: float, high: float) -> None:
     tuple of numbers) is not strictly between ``low`` and ``high``."""
     value = getattr(options, name)
     for item in value if isinstance(value, (list, tuple)) else (value,):
-        if not low < item < high:
+        if not low < item < high:  # NaN too
             raise ValueError(f"--{name.replace('_', '-')} must be in ({low}, {high}), got {value}")
 
 

@@ -60,7 +60,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "(CIFAR stem for images up to 64x64)",
     )
     add("--depth", type=int, help=f"cifar_resnet depth 6n+2 (default {d.depth})")
-    add("--width", type=int, help="cifar_resnet channel multiplier (default 1)")
+    add("--width", type=float, help="cifar_resnet channel multiplier, a positive real (default 1)")
     add("--preact", action="store_true", default=None, help="cifar_resnet: pre-activation blocks")
     add("--variant", help=f"cifar_resnet ablation: {', '.join(VARIANTS)} (default {d.variant})")
     add("--epochs", type=int, help=f"epochs (default {d.epochs})")
@@ -177,6 +177,8 @@ def _thresholds(text: str) -> dict[str, float]:
 
 def config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, dict | None]:
     """The run's configuration and, with --resume, the checkpoint it continues."""
+    if args.steps is not None and args.steps < 1:  # 0 inside TrainConfig means "use --epochs"
+        raise ValueError(f"--steps must be at least 1 (leave it out to train --epochs), got {args.steps}")
     given = {
         f.name: getattr(args, f.name) for f in fields(TrainConfig) if getattr(args, f.name, None) is not None
     }

@@ -14,6 +14,7 @@ workers) nor on where a run was resumed. The checkpoint holds everything else th
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -53,7 +54,7 @@ class TrainConfig:
     data: str = "builtin"
     model: str = "cifar_resnet"
     depth: int = 20
-    width: int = 1
+    width: float = 1.0
     preact: bool = False
     variant: str = "bn_skip"
     epochs: int = 10
@@ -92,11 +93,16 @@ class TrainConfig:
             raise ValueError(
                 f"--amp runs a float32 model under autocast: it needs --dtype float32, got {self.dtype}"
             )
-        check_min(self, ("epochs", "batch_size", "log_every", "eval_batch_size", "width"), 1)
+        check_min(self, ("epochs", "batch_size", "log_every", "eval_batch_size"), 1)
+        check_range(self, "width", 0, math.inf)
+        check_range(self, "momentum", -1e-300, 1)  # [0, 1): at or above 1 SGD diverges
+        check_range(self, "lr", -1e-300, math.inf)
         check_min(
             self, ("steps", "checkpoint_every", "stop_at", "lr", "momentum", "weight_decay", "gamma"), 0
         )
         check_range(self, "milestones", 0, 1)
+        if self.schedule == "step" and not self.milestones:
+            raise ValueError("--milestones: the step schedule needs at least one fraction, got none")
         check_min(self, ("workers",), 0)
         if self.image_size:
             check_min(self, ("image_size",), MIN_IMAGE_SIZE)
@@ -232,7 +238,12 @@ class Trainer:
         # bar; the other ranks log nowhere.
         self.stats_path = os.path.join(config.out, logs.STATS_FILE)
         if ctx.is_main:
-            os.makedirs(config.out, exist_ok=True)
+            try:
+                os.makedirs(config.out, exist_ok=True)
+            except OSError as error:
+                raise ValueError(
+                    f"--out {config.out!r}: not a folder gradstats can create ({error})"
+                ) from error
             if resume is None:  # a new empty file (a link planted at the name is replaced)
                 replace_in(config.out, logs.STATS_FILE, lambda f: None)
             else:

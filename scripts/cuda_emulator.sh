@@ -14,8 +14,12 @@ python="${PYTHON:-$( [ -x "$root/.venv/bin/python" ] && echo "$root/.venv/bin/py
 sanitize=()
 if [ "${GRADSTATS_EMU_SANITIZE:-0}" = 1 ]; then
   sanitize=(--sanitize)
-  # The build imports the module it made, so ASan's runtime comes first there too.
-  export LD_PRELOAD="$(${CXX:-g++} -print-file-name=libasan.so)"
+  # The build imports the module it made, so ASan's runtime comes first there too. libstdc++
+  # is preloaded after it: ASan resolves the real __cxa_throw (which it intercepts) when it
+  # starts, and python itself does not link libstdc++; without it the first C++ exception (an
+  # operator's argument error) fails ASan's CHECK "real___cxa_throw != 0" and aborts.
+  cxx="${CXX:-g++}"
+  export LD_PRELOAD="$("$cxx" -print-file-name=libasan.so):$("$cxx" -print-file-name=libstdc++.so)"
   export ASAN_OPTIONS="detect_leaks=0:abort_on_error=1:halt_on_error=1:detect_stack_use_after_return=0"
 fi
 out="$("$python" "$root/csrc/cuda_emu/build.py" "$root/build/cuda_emu" "${sanitize[@]}")" || {

@@ -7,6 +7,10 @@ Run:  scripts/cuda_emulator.sh python -m pytest -q tests/test_cuda_emu.py
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 from conftest import CUDA_EMULATED, make_bn_inputs, seed_for
@@ -21,6 +25,9 @@ pytestmark = [
 
 if CUDA_EMULATED:
     import gradstats_cuda_emu as emu
+
+# scripts/cuda_emulator.sh with GRADSTATS_EMU_SANITIZE=1: the emulator is built with AddressSanitizer.
+SANITIZED = os.environ.get("GRADSTATS_EMU_SANITIZE") == "1"
 
 # (shape, channels_last): how many blocks per channel the plan gives, for num_sms = 1 / 2 / 132
 # (NCHW: blocks of 512 threads, >= 32 values per thread; channels_last: TX x (512 / TX) blocks).
@@ -136,3 +143,19 @@ def test_emulator_reports_faulty_kernels(case, message):
     """The emulator's own checks, on small faulty kernels (csrc/cuda_emu/faulty_kernels.cpp)."""
     with pytest.raises(RuntimeError, match=message):
         emu.run_faulty_kernel(case)
+
+
+@pytest.mark.skipif(
+    not SANITIZED,
+    reason="only AddressSanitizer checks global memory: GRADSTATS_EMU_SANITIZE=1 scripts/cuda_emulator.sh",
+)
+def test_asan_catches_a_global_read_past_the_end():
+    """A kernel that reads one element past a global buffer: ASan aborts the process with a
+    heap-buffer-overflow report in that kernel (so it runs in a child process, which inherits
+    the emulator's environment: PYTHONPATH, LD_PRELOAD, ASAN_OPTIONS)."""
+    code = "import gradstats_cuda_emu as emu; emu.run_faulty_kernel('global_out_of_range')"
+    child = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert child.returncode != 0, "the out-of-range read went unnoticed"
+    assert "ERROR: AddressSanitizer: heap-buffer-overflow" in child.stderr, child.stderr[-4000:]
+    assert "READ of size 4" in child.stderr, child.stderr[-4000:]
+    assert "in global_out_of_range_kernel" in child.stderr, child.stderr[-4000:]

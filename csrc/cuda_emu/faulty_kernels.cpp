@@ -1,5 +1,6 @@
 // Small kernels with one fault each, written as CUDA through ../cuda/emulatable.h, so that the
 // tests can show that the emulator reports the fault (tests/test_cuda_emu.py).
+#include <memory>
 #include <stdexcept>
 #include <string>
 
@@ -39,6 +40,13 @@ __global__ void shared_out_of_range_kernel(int* out) {
   if (threadIdx.x == 0) out[0] = cells[64];
 }
 
+// Every thread reads its right neighbour's element of a 64-element global buffer: thread 63 reads
+// one past the end. The emulator does not check global memory; AddressSanitizer does
+// (GRADSTATS_EMU_SANITIZE=1), and aborts the process with a heap-buffer-overflow report.
+__global__ void global_out_of_range_kernel(const int* in, int* out) {
+  out[threadIdx.x] = in[threadIdx.x + 1];
+}
+
 }  // namespace
 
 // Runs one faulty kernel on a block of 64 threads; throws with the emulator's report.
@@ -54,6 +62,10 @@ void run_faulty_kernel(const std::string& which) {
     GS_LAUNCH(1, 64, 0, nullptr, shuffle_exited_lane_kernel)(out);
   } else if (which == "shared_out_of_range") {
     GS_LAUNCH(1, 64, 0, nullptr, shared_out_of_range_kernel)(out);
+  } else if (which == "global_out_of_range") {
+    // On the heap, as device memory from the caching allocator is: ASan guards its ends.
+    const std::unique_ptr<int[]> in(new int[64]());
+    GS_LAUNCH(1, 64, 0, nullptr, global_out_of_range_kernel)(in.get(), out);
   } else {
     throw std::invalid_argument("no faulty kernel named " + which);
   }

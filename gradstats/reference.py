@@ -66,12 +66,7 @@ def bn_grad_input(
 
 
 def bn_backward_formula(
-    grad_output: Tensor,
-    input: Tensor,
-    weight: Tensor | None,
-    mean: Tensor,
-    invstd: Tensor,
-    training: bool,
+    grad_output: Tensor, input: Tensor, weight: Tensor | None, mean: Tensor, invstd: Tensor, training: bool
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(grad_input, grad_weight, grad_bias) of y = w * (x - mean) * invstd + b, on one process.
 
@@ -113,12 +108,7 @@ def channel_moments(values: Tensor) -> Tensor:
 
 
 def bn_backward_stats_reference(
-    grad_output: Tensor,
-    input: Tensor,
-    weight: Tensor | None,
-    mean: Tensor,
-    invstd: Tensor,
-    training: bool,
+    grad_output: Tensor, input: Tensor, weight: Tensor | None, mean: Tensor, invstd: Tensor, training: bool
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """float64 (grad_input, grad_weight, grad_bias, stats), stats as the op's: [2, 4, C] with
     stats[0] for grad_output and stats[1] for grad_input, rows (count, mean, M2, nonfinite)."""

@@ -14,10 +14,11 @@ from __future__ import annotations
 import hashlib
 import io
 import os
-import tempfile
 from typing import Any
 
 import torch
+
+from .safe_files import replace_in
 
 MAGIC = b"GRADSTATS-CHECKPOINT"
 VERSION = 1
@@ -36,23 +37,16 @@ def save_checkpoint(state: dict[str, Any], path: str) -> None:
     digest = hashlib.sha256(payload).hexdigest()
     header = f"{MAGIC.decode()} {VERSION} sha256={digest} bytes={len(payload)}\n".encode()
     folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
-    try:
-        # mkstemp makes it private; a checkpoint is an ordinary output file. fchmod, not chmod:
-        # in a shared folder the temporary's name could be swapped for a link before a chmod.
-        os.fchmod(fd, 0o644)
-        with os.fdopen(fd, "wb") as f:
-            f.write(header)
-            f.write(payload)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+
+    def write(f) -> None:
+        f.write(header)
+        f.write(payload)
+        f.flush()
+        os.fsync(f.fileno())
+
+    # A temporary file in the folder renamed over the target: a crash leaves the old file or the
+    # new one, and a link planted at the target's name is replaced, not followed.
+    replace_in(folder, os.path.basename(path), write, binary=True)
     _fsync_folder(folder)
 
 

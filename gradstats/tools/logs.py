@@ -24,8 +24,8 @@ from typing import Any
 
 import numpy as np
 
-from ..extras import require
 from ..records import flatten
+from .plots import block_variance_curves, variance_heatmap
 from .safe_files import open_in, replace_in
 
 STATS_FILE = "stats.jsonl"
@@ -112,51 +112,29 @@ def plot_block_variance(records: list[dict[str, Any]], out: str) -> list[str]:
     records = [r for r in records if r["blocks"] and r["blocks"][0].get("grad_var") is not None]
     if not records:
         return []
-    matplotlib = require("matplotlib", "the training plots")
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     names = [b["name"] for b in records[0]["blocks"]]
     steps = [r["step"] for r in records]
     var = np.array([[b.get("grad_var") or np.nan for b in r["blocks"]] for r in records], dtype=float).T
-    with np.errstate(divide="ignore", invalid="ignore"):
-        logvar = np.log10(np.where(var > 0, var, np.nan))
-
-    fig, ax = plt.subplots(
-        figsize=(max(7.5, min(14.0, 0.15 * len(steps) + 5)), max(3.5, 0.22 * len(names) + 1.8))
+    fig = variance_heatmap(
+        names,
+        steps,
+        var,
+        "gradient variance at block outputs (mean over channels)",
+        range(len(names)),
+        names,
+        ylabel="residual block (input side at top)",
     )
-    image = ax.imshow(
-        logvar,
-        aspect="auto",
-        interpolation="nearest",
-        cmap="viridis",
-        extent=(-0.5, len(steps) - 0.5, len(names) - 0.5, -0.5),
-    )
-    ticks = np.unique(np.linspace(0, len(steps) - 1, min(len(steps), 10)).round().astype(int))
-    ax.set_xticks(ticks, [str(steps[i]) for i in ticks])
-    ax.set_yticks(range(len(names)), names, fontsize=7)
-    ax.set_xlabel("training step (end of logging interval)")
-    ax.set_ylabel("residual block (input side at top)")
-    ax.set_title("gradient variance at block outputs (mean over channels)", fontsize=10)
-    fig.colorbar(image, ax=ax, label="log10 variance")
-    fig.tight_layout()
     heatmap = replace_in(out, "grad_var_heatmap.png", lambda f: fig.savefig(f, format="png", dpi=110), True)
-    plt.close(fig)
 
-    fig, ax = plt.subplots(figsize=(max(7.0, 0.3 * len(names) + 2), 4.5))
-    for index, style in ((0, "o-"), (len(records) - 1, "s--")):
-        ax.plot(range(len(names)), var[:, index], style, ms=3, label=f"step {steps[index]}")
-        if len(records) == 1:
-            break
-    ax.set_yscale("log")
     every = max(1, len(names) // 30)
-    ax.set_xticks(range(0, len(names), every), names[::every], rotation=60, ha="right", fontsize=7)
-    ax.set_xlabel("residual block (input side -> output side)")
-    ax.set_ylabel("gradient variance (mean over channels)")
-    ax.set_title("gradient variance per block, first and last logged steps", fontsize=10)
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
+    fig = block_variance_curves(
+        names,
+        steps,
+        var,
+        sorted({0, len(records) - 1}),
+        range(0, len(names), every),
+        names[::every],
+        "gradient variance per block, first and last logged steps",
+    )
     curves = replace_in(out, "grad_var_blocks.png", lambda f: fig.savefig(f, format="png", dpi=110), True)
-    plt.close(fig)
     return [heatmap, curves]

@@ -31,6 +31,7 @@ import numpy as np
 
 from .data import DataError
 from .logs import STATS_FILE
+from .plots import block_variance_curves, variance_heatmap
 from .safe_files import replace_in
 
 SUMMARY_FILE = "summary.json"
@@ -212,57 +213,25 @@ def _ticks(count: int):
 
 
 def _heatmap(names, steps, values, title: str) -> str | None:
-    from matplotlib.figure import Figure
-
     if not names or not np.isfinite(values).any():
         return None
-    with np.errstate(divide="ignore", invalid="ignore"):
-        logvalues = np.log10(np.where(values > 0, values, np.nan))
-    rows = min(len(names), _MAX_LABELS)
-    fig = Figure(figsize=(max(7.5, min(14.0, 0.15 * len(steps) + 5)), max(3.5, 0.2 * rows + 1.8)))
-    ax = fig.subplots()
-    image = ax.imshow(
-        logvalues,
-        aspect="auto",
-        interpolation="nearest",
-        cmap="viridis",
-        extent=(-0.5, len(steps) - 0.5, len(names) - 0.5, -0.5),
-    )
-    columns = np.unique(np.linspace(0, len(steps) - 1, min(len(steps), 10)).round().astype(int))
-    ax.set_xticks(columns, [str(steps[i]) for i in columns])
-    # parse_math=False: a name holding "$...$" is drawn as written, not parsed as mathtext
-    ax.set_yticks(
-        _ticks(len(names)), [_label(names[i]) for i in _ticks(len(names))], fontsize=7, parse_math=False
-    )
-    ax.set_xlabel("training step (end of logging interval)")
-    ax.set_title(title, fontsize=10)
-    fig.colorbar(image, ax=ax, label="log10 variance (mean over channels)")
-    fig.tight_layout()
-    return _png(fig)
+    ticks = _ticks(len(names))
+    return _png(variance_heatmap(names, steps, values, title, ticks, [_label(names[i]) for i in ticks]))
 
 
 def _block_curves(names, steps, values) -> str | None:
-    from matplotlib.figure import Figure
-
     if not names or not np.isfinite(values).any():
         return None
-    fig = Figure(figsize=(max(7.0, min(16.0, 0.3 * len(names) + 2)), 4.5))
-    ax = fig.subplots()
-    chosen = sorted({0, len(steps) // 2, len(steps) - 1})
-    for column, style in zip(chosen, ("o-", "^:", "s--")):
-        ax.plot(range(len(names)), values[:, column], style, ms=3, label=f"step {steps[column]}")
-    if (values > 0).any():
-        ax.set_yscale("log")
     ticks = _ticks(len(names))
-    ax.set_xticks(
-        ticks, [_label(names[i]) for i in ticks], rotation=60, ha="right", fontsize=7, parse_math=False
+    fig = block_variance_curves(
+        names,
+        steps,
+        values,
+        sorted({0, len(steps) // 2, len(steps) - 1}),
+        ticks,
+        [_label(names[i]) for i in ticks],
+        "gradient variance per block: first, middle and last logged steps",
     )
-    ax.set_xlabel("residual block (input side -> output side)")
-    ax.set_ylabel("gradient variance (mean over channels)")
-    ax.set_title("gradient variance per block: first, middle and last logged steps", fontsize=10)
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
     return _png(fig)
 
 

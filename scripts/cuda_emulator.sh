@@ -4,7 +4,7 @@
 # builds csrc/cuda/*.cu for the host (csrc/cuda_emu/build.py; cached in build/cuda_emu/ by a
 # hash of the sources), then runs CMD with PYTHONPATH such that `import gradstats_cuda_emu`
 # works and GRADSTATS_CUDA_EMU=1, under which the test suite's CUDA cases run on the emulator:
-#     scripts/cuda_emulator.sh python -m pytest -q tests/test_cuda_emu.py tests/test_op.py -m cuda
+#     scripts/cuda_emulator.sh python -P -m pytest -q tests/test_cuda_emu.py tests/test_op.py -m cuda
 # GRADSTATS_EMU_SANITIZE=1 builds and runs it under AddressSanitizer (out-of-range accesses to
 # global memory). Python: $PYTHON, else .venv/bin/python if there is one, else python3.
 set -euo pipefail

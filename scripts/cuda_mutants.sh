@@ -23,8 +23,12 @@ for d in csrc scripts tests; do
   done
 done
 # The emulated build of the unmutated copy first: later builds recompile only the mutated file.
-PYTHON="$python" "$work/repo/scripts/cuda_emulator.sh" python -c "import gradstats_cuda_emu" 2>/dev/null || {
+PYTHON="$python" "$work/repo/scripts/cuda_emulator.sh" python -P -c "import gradstats_cuda_emu" 2>/dev/null || {
   echo "cuda_mutants.sh: the unmutated emulated build failed" >&2; exit 1; }
+# The selected tests must pass on the unmutated copy, or a failure below would prove nothing.
+PYTHON="$python" "$work/repo/scripts/cuda_emulator.sh" python -P -m pytest -x -q -p no:cacheprovider \
+    "$work/repo/tests/test_cuda_emu.py" -k "float32 or faulty" "$@" >"$work/unmutated.log" 2>&1 || {
+  echo "cuda_mutants.sh: the tests fail on the unmutated source; see $work/unmutated.log" >&2; exit 1; }
 kernel="csrc/cuda/bn_backward_stats_kernel.cu"
 
 # mutate FILE N OLD NEW: replaces the N-th (1-based) code line containing OLD in FILE's copy.
@@ -62,11 +66,11 @@ for m in "${mutants[@]}"; do
   if ! mutate "$file" "$nth" "$old" "$new"; then
     echo "NOT APPLIED  $what ($file)"; survived=1; continue
   fi
-  if ! PYTHON="$python" "$work/repo/scripts/cuda_emulator.sh" python -c "import gradstats_cuda_emu" >/dev/null 2>&1; then
+  if ! PYTHON="$python" "$work/repo/scripts/cuda_emulator.sh" python -P -c "import gradstats_cuda_emu" >/dev/null 2>&1; then
     echo "did not build $what ($file)"; continue
   fi
   log="$work/$(echo "$what" | tr -c 'a-zA-Z0-9' _).log"
-  if PYTHON="$python" "$work/repo/scripts/cuda_emulator.sh" python -m pytest -x -q -p no:cacheprovider \
+  if PYTHON="$python" "$work/repo/scripts/cuda_emulator.sh" python -P -m pytest -x -q -p no:cacheprovider \
       "$work/repo/tests/test_cuda_emu.py" -k "float32 or faulty" "$@" >"$log" 2>&1; then
     echo "SURVIVED     $what ($file)"; survived=1
   else

@@ -154,7 +154,8 @@ def test_asan_catches_a_global_read_past_the_end():
     heap-buffer-overflow report in that kernel (so it runs in a child process, which inherits
     the emulator's environment: PYTHONPATH, LD_PRELOAD, ASAN_OPTIONS)."""
     code = "import gradstats_cuda_emu as emu; emu.run_faulty_kernel('global_out_of_range')"
-    child = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    # -P: the child imports the installed gradstats, not the source folder of the current directory
+    child = subprocess.run([sys.executable, "-P", "-c", code], capture_output=True, text=True, timeout=300)
     assert child.returncode != 0, "the out-of-range read went unnoticed"
     assert "ERROR: AddressSanitizer: heap-buffer-overflow" in child.stderr, child.stderr[-4000:]
     assert "READ of size 4" in child.stderr, child.stderr[-4000:]

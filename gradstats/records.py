@@ -120,11 +120,11 @@ def recorders(model: nn.Module):
     """(bn layers, block probes): ``(layer name, module)`` of every GradStatBatchNorm2d and
     GradProbe of ``model``, each in module order, named by layer_name without the components
     all of them share."""
-    found = batchnorms(model) + probes(model)
+    bns = batchnorms(model)
+    found = bns + probes(model)
     names = _without_common_head([layer_name(name) for name, _ in found])
     named = [(name, m) for name, (_, m) in zip(names, found)]
-    n_bn = len(found) - len(probes(model))
-    return named[:n_bn], named[n_bn:]
+    return named[: len(bns)], named[len(bns) :]
 
 
 def recorder_slots(model: nn.Module, which: str = "accumulated"):

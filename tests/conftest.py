@@ -159,3 +159,25 @@ def torchvision_or_skip():
     except Exception as error:
         pytest.skip(f"torchvision does not import: {error}")
     return torchvision
+
+
+def global_batches(steps: int, samples: int) -> list:
+    """``steps`` global batches of ``samples`` float64 3x12x12 images (offset 0.3) and labels in
+    [0, 5), seeded: the same in every process of a distributed test."""
+    g = torch.Generator().manual_seed(1)
+    return [
+        (
+            torch.randn(samples, 3, 12, 12, generator=g, dtype=torch.float64) + 0.3,
+            torch.randint(0, 5, (samples,), generator=g),
+        )
+        for _ in range(steps)
+    ]
+
+
+def train_quietly(**config):
+    """`gradstats train` in this process on the CPU with ``config`` (TrainConfig fields), no
+    progress bar, no TensorBoard, no log lines; returns the run's summary."""
+    from gradstats.tools import trainer
+
+    quiet = dict(progress=False, tensorboard=False, device="cpu")
+    return trainer.train(trainer.TrainConfig(**quiet | config), log=lambda *a: None)

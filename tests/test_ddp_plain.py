@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
-from conftest import assert_close_scaled
+from conftest import assert_close_scaled, global_batches
 from torch.nn.parallel import DistributedDataParallel
 
 import gradstats
@@ -44,15 +44,8 @@ def _model() -> torch.nn.Module:
 
 
 def _batches():
-    g = torch.Generator().manual_seed(1)
-    n = WORLD * LOCAL_BATCH
-    return [
-        (
-            torch.randn(n, 3, 12, 12, generator=g, dtype=torch.float64) + 0.3,
-            torch.randint(0, 5, (n,), generator=g),
-        )
-        for _ in range(STEPS)
-    ]
+    """STEPS global batches of WORLD * LOCAL_BATCH images, the same in every process."""
+    return global_batches(STEPS, WORLD * LOCAL_BATCH)
 
 
 def _half(x, y, rank):

@@ -25,27 +25,20 @@ from gradstats.ops import bn_backward_stats, channel_moments
 from gradstats.reference import bn_backward_formula
 from gradstats.reference import channel_moments as reference_moments
 
-settings.register_profile(
-    "ci",
-    max_examples=2000,
-    deadline=None,
-    derandomize=True,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-)
-settings.register_profile(
-    "thorough",
-    max_examples=50000,
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-)
-# under AddressSanitizer (scripts/sanitize.sh), where everything runs a few times slower
-settings.register_profile(
-    "sanitize",
-    max_examples=300,
-    deadline=None,
-    derandomize=True,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-)
+# ci: the default run; thorough: on demand; sanitize: under AddressSanitizer
+# (scripts/sanitize.sh), where everything runs a few times slower.
+for _name, _examples, _derandomize in (
+    ("ci", 2000, True),
+    ("thorough", 50000, False),
+    ("sanitize", 300, True),
+):
+    settings.register_profile(
+        _name,
+        max_examples=_examples,
+        deadline=None,
+        derandomize=_derandomize,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    )
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]

@@ -13,9 +13,8 @@ from html.parser import HTMLParser
 
 import pytest
 import torch
-from conftest import cli_error, read_records
+from conftest import cli_error, read_records, train_quietly
 
-from gradstats.tools import trainer
 from gradstats.tools.cli import main as cli_main
 from gradstats.tools.report import layer_matrix, read_run, render_html, write_report
 
@@ -81,19 +80,13 @@ def run_dir(tmp_path_factory):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        trainer.train(
-            trainer.TrainConfig(
-                out=str(out),
-                data=str(images),
-                depth=8,
-                batch_size=8,
-                steps=6,
-                log_every=2,
-                progress=False,
-                tensorboard=False,
-                device="cpu",
-            ),
-            log=lambda *a: None,
+        train_quietly(
+            out=str(out),
+            data=str(images),
+            depth=8,
+            batch_size=8,
+            steps=6,
+            log_every=2,
         )
     finally:
         torch.set_num_threads(threads)

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 import torch
-from conftest import cli_error, read_records, torchvision_or_skip
+from conftest import cli_error, read_records, torchvision_or_skip, train_quietly
 
 import gradstats
 from gradstats.models import cifar_resnet
@@ -100,20 +100,14 @@ def test_cli_smoke_on_builtin_data(tmp_path):
 def test_evaluates_each_epoch_on_an_image_folder(tmp_path, tiny_folder):
     torchvision_or_skip()  # an ImageFolder is streamed with torchvision
     # 19 training images, global batch 8: 2 steps per epoch.
-    summary = trainer.train(
-        trainer.TrainConfig(
-            out=str(tmp_path),
-            data=tiny_folder,
-            depth=8,
-            workers=0,
-            batch_size=8,
-            epochs=2,
-            log_every=3,
-            progress=False,
-            tensorboard=False,
-            device="cpu",
-        ),
-        log=lambda *a: None,
+    summary = train_quietly(
+        out=str(tmp_path),
+        data=tiny_folder,
+        depth=8,
+        workers=0,
+        batch_size=8,
+        epochs=2,
+        log_every=3,
     )
     assert summary["data"].startswith("ImageFolder")
     assert [e["step"] for e in summary["eval"]] == [2, 4]
@@ -145,19 +139,13 @@ def test_no_host_synchronisation_inside_training_steps(tmp_path, monkeypatch):
             inside.pop()
 
     monkeypatch.setattr(trainer.Trainer, "train_step", watched)
-    trainer.train(
-        trainer.TrainConfig(
-            out=str(tmp_path),
-            depth=8,
-            batch_size=16,
-            steps=5,
-            log_every=2,
-            augment=True,
-            progress=False,
-            tensorboard=False,
-            device="cpu",
-        ),
-        log=lambda *a: None,
+    train_quietly(
+        out=str(tmp_path),
+        depth=8,
+        batch_size=16,
+        steps=5,
+        log_every=2,
+        augment=True,
     )
     assert reads == []
     assert len(read_records(tmp_path)) == 3  # the logging steps did run (and read values)
@@ -206,21 +194,15 @@ def test_tensorboard_events_when_installed(tmp_path):
 
 def test_torchvision_resnet18_is_instrumented(tmp_path, tiny_folder):
     torchvision_or_skip()
-    summary = trainer.train(
-        trainer.TrainConfig(
-            out=str(tmp_path),
-            data=tiny_folder,
-            model="resnet18",
-            image_size=32,
-            workers=0,
-            batch_size=4,
-            steps=1,
-            log_every=1,
-            progress=False,
-            tensorboard=False,
-            device="cpu",
-        ),
-        log=lambda *a: None,
+    summary = train_quietly(
+        out=str(tmp_path),
+        data=tiny_folder,
+        model="resnet18",
+        image_size=32,
+        workers=0,
+        batch_size=4,
+        steps=1,
+        log_every=1,
     )
     assert len(summary["bn_layers"]) == 20 and len(summary["blocks"]) == 8
     assert "3x32x32" in summary["data"]

@@ -38,6 +38,10 @@ struct BnBackwardProblem {
   void* grad_bias;     // out: sum dy
   // out, [2][kStatRows][C] float64: {grad_output, grad_input} x {count, mean, m2, nonfinite}.
   double* stats;
+  // out, [2][N][C] in the accumulation type, or nullptr when not requested: the batch's
+  // grad_bias and grad_weight split by sample, per_sample[0][n][c] = sum over (h, w) of dy and
+  // per_sample[1][n][c] = sum over (h, w) of dy * x_hat, x_hat = (x - mean) * invstd.
+  void* per_sample;
 };
 
 // Writes the statistics of one gradient (which = kGradOutput or kGradInput) of channel c.

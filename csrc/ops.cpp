@@ -7,8 +7,10 @@
 
 // -------------------------------------------------------------------------------------------------
 // gradstats::bn_backward_stats(Tensor grad_output, Tensor input, Tensor? weight, Tensor mean,
-//                              Tensor invstd, bool training, bool grad_input_mask)
-//     -> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias, Tensor stats)
+//                              Tensor invstd, bool training, bool grad_input_mask,
+//                              bool per_sample=False)
+//     -> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias, Tensor stats,
+//         Tensor per_sample_grads)
 //
 // Batch-norm backward over (N, H, W) per channel C of a 4-D input, fused with per-channel
 // statistics of the incoming gradient dy = grad_output and the outgoing one dx = grad_input.
@@ -25,6 +27,7 @@
 //   float16/bfloat16 storage) and must be on input's device.
 //   training:           True: dx = w*invstd*(dy - mean(dy) - x_hat*mean(dy*x_hat)); False: dx = w*invstd*dy.
 //   grad_input_mask:    False skips writing grad_input (its statistics are still computed).
+//   per_sample:         True also returns grad_bias and grad_weight split by sample (below).
 //
 // Outputs
 //   grad_input:  input's shape and layout, input's dtype; shape [0] when grad_input_mask is False.
@@ -36,6 +39,13 @@
 //                (population variance = M2 / count). The gradients themselves are untouched:
 //                NaNs and infinities in dy flow into dx, grad_weight and grad_bias exactly as in
 //                PyTorch's backward.
+//   per_sample_grads: [2, N, C] in the accumulation dtype (float32 for float32/float16/bfloat16
+//                storage, float64 for float64) when per_sample is True, else shape [0]:
+//                [0][n][c] = sum over (h, w) of dy[n, c] (sample n's term of grad_bias),
+//                [1][n][c] = sum over (h, w) of dy[n, c] * x_hat[n, c] (its term of grad_weight),
+//                x_hat = (x - mean) * invstd with the mean and invstd given (the batch's in
+//                training, the running ones in eval). Summed over n they are grad_bias and
+//                grad_weight up to rounding. Formed in the pass that reads dy: no extra pass.
 //
 // Precision (both devices run the arithmetic of bn_backward_passes.h): values accumulate in
 // float32 (float64 for float64 storage) within chunks (CPU: at most 8192 values per channel; CUDA:
@@ -72,8 +82,8 @@
 TORCH_LIBRARY(gradstats, m) {
   m.def(
       "bn_backward_stats(Tensor grad_output, Tensor input, Tensor? weight, Tensor mean, "
-      "Tensor invstd, bool training, bool grad_input_mask) -> "
-      "(Tensor grad_input, Tensor grad_weight, Tensor grad_bias, Tensor stats)");
+      "Tensor invstd, bool training, bool grad_input_mask, bool per_sample=False) -> "
+      "(Tensor grad_input, Tensor grad_weight, Tensor grad_bias, Tensor stats, Tensor per_sample_grads)");
   m.def("record_grad_stats_(Tensor(a!) state, Tensor stats, float ema_decay) -> ()");
   m.def("channel_moments(Tensor input) -> Tensor");
 }

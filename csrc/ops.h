@@ -20,6 +20,7 @@ struct PreparedBnBackward {
   at::Tensor grad_input;              // input's layout; a [0] tensor when not requested
   at::Tensor grad_weight, grad_bias;  // [C], accumulation dtype
   at::Tensor stats;                   // [2, 4, C] float64
+  at::Tensor per_sample;              // [2, N, C] accumulation dtype; a [0] tensor when not requested
   at::ScalarType param_dtype;         // dtype grad_weight and grad_bias are returned in
   BnBackwardProblem problem;
 };
@@ -29,10 +30,12 @@ struct PreparedBnBackward {
 PreparedBnBackward prepare_bn_backward(const at::Tensor& grad_output, const at::Tensor& input,
                                        const c10::optional<at::Tensor>& weight, const at::Tensor& mean,
                                        const at::Tensor& invstd, bool training, bool grad_input_mask,
-                                       c10::DeviceType device_type);
+                                       bool per_sample, c10::DeviceType device_type);
+
+using BnBackwardResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
 // The op's return value: casts grad_weight / grad_bias to the parameter dtype when it differs.
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> finish_bn_backward(PreparedBnBackward& prepared);
+BnBackwardResult finish_bn_backward(PreparedBnBackward& prepared);
 
 // gradstats::channel_moments after validation: the tensor to read and the [4, C] output.
 struct PreparedMoments {

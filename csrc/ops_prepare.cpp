@@ -72,7 +72,7 @@ std::pair<at::Tensor, bool> readable_layout(const at::Tensor& t, int64_t HW) {
 PreparedBnBackward prepare_bn_backward(const at::Tensor& grad_output, const at::Tensor& input,
                                        const c10::optional<at::Tensor>& weight, const at::Tensor& mean,
                                        const at::Tensor& invstd, bool training, bool grad_input_mask,
-                                       c10::DeviceType device_type) {
+                                       bool per_sample, c10::DeviceType device_type) {
   TORCH_CHECK_VALUE(input.dim() == 4, "bn_backward_stats: input must be a 4-D tensor (N, C, H, W), got ",
                     input.dim(), "-D with shape ", input.sizes());
   TORCH_CHECK_VALUE(grad_output.sizes() == input.sizes(),
@@ -116,6 +116,7 @@ PreparedBnBackward prepare_bn_backward(const at::Tensor& grad_output, const at::
   p.grad_weight = at::empty({C}, opts.dtype(acc));
   p.grad_bias = at::empty({C}, opts.dtype(acc));
   p.stats = at::empty({2, kStatRows, C}, opts.dtype(at::kDouble));
+  p.per_sample = per_sample ? at::empty({2, N, C}, opts.dtype(acc)) : at::empty({0}, opts.dtype(acc));
 
   BnBackwardProblem& pr = p.problem;
   pr.dtype = scalar_kind(input.scalar_type());
@@ -134,11 +135,12 @@ PreparedBnBackward prepare_bn_backward(const at::Tensor& grad_output, const at::
   pr.grad_weight = p.grad_weight.mutable_data_ptr();
   pr.grad_bias = p.grad_bias.mutable_data_ptr();
   pr.stats = p.stats.mutable_data_ptr<double>();
+  pr.per_sample = per_sample ? p.per_sample.mutable_data_ptr() : nullptr;
   return p;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> finish_bn_backward(PreparedBnBackward& p) {
-  return {p.grad_input, p.grad_weight.to(p.param_dtype), p.grad_bias.to(p.param_dtype), p.stats};
+BnBackwardResult finish_bn_backward(PreparedBnBackward& p) {
+  return {p.grad_input, p.grad_weight.to(p.param_dtype), p.grad_bias.to(p.param_dtype), p.stats, p.per_sample};
 }
 
 PreparedMoments prepare_channel_moments(const at::Tensor& input, c10::DeviceType device_type) {

@@ -72,21 +72,29 @@ def bn_backward_stats(
     invstd: Tensor,
     training: bool,
     grad_input_mask: bool = True,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    per_sample: bool = False,
+) -> tuple[Tensor, ...]:
     """Batch-norm backward fused with per-channel statistics of grad_output and grad_input.
 
     Takes (N, C), (N, C, L), (N, C, H, W) and (N, C, D, H, W) inputs: the operator itself is
     4-D, and other ranks reach it as (N, C, L, 1) views (see as_4d); grad_input has input's
     shape. Returns (grad_input, grad_weight, grad_bias, stats); stats is [2, 4, C] float64,
     stats[0] describing grad_output and stats[1] grad_input, rows (count, mean, M2, nonfinite):
-    the moments of the finite values and the number of NaN/infinite ones. The full contract is
-    at the schema in csrc/ops.cpp.
+    the moments of the finite values and the number of NaN/infinite ones.
+
+    ``per_sample=True`` appends a fifth tensor, [2, N, C] in the accumulation dtype: grad_bias
+    and grad_weight split by sample (``[0][n] = sum(dy[n])``, ``[1][n] = sum(dy[n] * x_hat[n])``
+    per channel), formed in the same pass. The full contract is at the schema in csrc/ops.cpp.
     """
-    grad_input, grad_weight, grad_bias, stats = torch.ops.gradstats.bn_backward_stats.default(
-        as_4d(grad_output), as_4d(input), weight, mean, invstd, training, grad_input_mask
+    grad_input, grad_weight, grad_bias, stats, per_sample_grads = (
+        torch.ops.gradstats.bn_backward_stats.default(
+            as_4d(grad_output), as_4d(input), weight, mean, invstd, training, grad_input_mask, per_sample
+        )
     )
     if grad_input_mask and input.dim() != 4:
         grad_input = _from_4d(grad_input, input)
+    if per_sample:
+        return grad_input, grad_weight, grad_bias, stats, per_sample_grads
     return grad_input, grad_weight, grad_bias, stats
 
 
@@ -126,7 +134,9 @@ def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 @torch.library.register_fake("gradstats::bn_backward_stats")
-def _bn_backward_stats_fake(grad_output, input, weight, mean, invstd, training, grad_input_mask):
+def _bn_backward_stats_fake(
+    grad_output, input, weight, mean, invstd, training, grad_input_mask, per_sample=False
+):
     torch._check(input.dim() == 4, lambda: f"input must be 4-D (N, C, H, W), got {input.dim()}-D")
     torch._check(
         grad_output.shape == input.shape,
@@ -144,7 +154,9 @@ def _bn_backward_stats_fake(grad_output, input, weight, mean, invstd, training, 
     grad_weight = input.new_empty(channels, dtype=param_dtype)
     grad_bias = input.new_empty(channels, dtype=param_dtype)
     stats = input.new_empty((2, ROWS, channels), dtype=torch.float64)
-    return grad_input, grad_weight, grad_bias, stats
+    samples = (2, input.shape[0], channels) if per_sample else (0,)
+    per_sample_grads = input.new_empty(samples, dtype=acc)
+    return grad_input, grad_weight, grad_bias, stats, per_sample_grads
 
 
 @torch.library.register_fake("gradstats::record_grad_stats_")
@@ -184,18 +196,20 @@ _DIFFERENTIABLE = (0, 1, 2, 3, 4)  # grad_output, input, weight, mean, invstd
 
 
 def _setup_context(ctx, inputs, output):
-    grad_output, input, weight, mean, invstd, training, grad_input_mask = inputs
+    grad_output, input, weight, mean, invstd, training, grad_input_mask = inputs[:7]
     ctx.training = training
     ctx.grad_input_mask = grad_input_mask
+    ctx.num_inputs = len(inputs)
     ctx.has_weight = weight is not None
     ctx.save_for_backward(grad_output, input, weight, mean, invstd)
-    ctx.mark_non_differentiable(output[3])
+    # Statistics and the per-sample split are measurements: not differentiated.
+    ctx.mark_non_differentiable(output[3], output[4])
 
 
-def _backward(ctx, grad_grad_input, grad_grad_weight, grad_grad_bias, _grad_stats):
+def _backward(ctx, grad_grad_input, grad_grad_weight, grad_grad_bias, _grad_stats, _grad_per_sample):
     saved = ctx.saved_tensors
     needed = [i for i in _DIFFERENTIABLE if ctx.needs_input_grad[i] and saved[i] is not None]
-    result: list[Tensor | None] = [None] * 7
+    result: list[Tensor | None] = [None] * ctx.num_inputs
     if not needed:
         return tuple(result)
     create_graph = torch.is_grad_enabled()  # True only under backward(create_graph=True)

@@ -33,6 +33,17 @@ def bn_backward_sums(
     return grad_output.sum(dims), (grad_output * x_hat).sum(dims)
 
 
+def per_sample_sums(grad_output: Tensor, input: Tensor, mean: Tensor, invstd: Tensor) -> Tensor:
+    """[2, N, C]: the reduction phase split by sample, ``[0][n][c] = sum(dy[n, c])`` and
+    ``[1][n][c] = sum(dy[n, c] * x_hat[n, c])`` over the spatial positions of sample n. Their sums
+    over n are bn_backward_sums: sample n's terms of grad_bias and grad_weight."""
+    x_hat = (input - _per_channel(mean, input)) * _per_channel(invstd, input)
+    dims = tuple(range(2, input.dim()))
+    if not dims:  # (N, C): one value per sample and channel
+        return torch.stack([grad_output, grad_output * x_hat])
+    return torch.stack([grad_output.sum(dims), (grad_output * x_hat).sum(dims)])
+
+
 def bn_grad_input(
     grad_output: Tensor,
     input: Tensor,
@@ -119,3 +130,11 @@ def bn_backward_stats_reference(
     )
     stats = torch.stack([channel_moments(dy), channel_moments(grad_input)])
     return grad_input, grad_weight, grad_bias, stats
+
+
+def per_sample_reference(
+    grad_output: Tensor, input: Tensor, mean: Tensor, invstd: Tensor
+) -> Tensor:
+    """float64 [2, N, C] (bias, weight) per-sample terms, as the op returns with per_sample=True."""
+    as64 = lambda t: t.detach().double()  # noqa: E731
+    return per_sample_sums(as64(grad_output), as64(input), as64(mean), as64(invstd))

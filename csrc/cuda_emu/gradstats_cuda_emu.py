@@ -23,9 +23,20 @@ _library = None
 
 
 def bn_backward_stats(
-    grad_output, input, weight, mean, invstd, training, grad_input_mask=True, *, num_sms=DEFAULT_NUM_SMS
+    grad_output,
+    input,
+    weight,
+    mean,
+    invstd,
+    training,
+    grad_input_mask=True,
+    per_sample=False,
+    *,
+    num_sms=DEFAULT_NUM_SMS,
 ):
-    return _bn_backward_stats(grad_output, input, weight, mean, invstd, training, grad_input_mask, num_sms)
+    return _bn_backward_stats(
+        grad_output, input, weight, mean, invstd, training, grad_input_mask, per_sample, num_sms
+    )
 
 
 def channel_moments(input, *, num_sms=DEFAULT_NUM_SMS):

@@ -15,8 +15,10 @@ Public API:
     probes, batchnorms    the recording modules of a model, in order
     first_nonfinite       where NaN/Inf gradients first appeared in the last backward
     metrics               every recording module's statistics as {name: float}, for any logger
+    noise_scale, gsnr, dy_variance_split  gradient noise from per-sample terms (per_sample=True)
     plain_state_dict      a state_dict without gradstats buffers, for plain nn.BatchNorm2d models
     GradStats, ChannelStats  the records: per-channel count, mean and variance
+    PerSampleStats        the records over samples of the per-sample parameter-gradient terms
     bn_backward_stats     the fused operator (torch.ops.gradstats.bn_backward_stats)
 """
 
@@ -32,10 +34,11 @@ from .convert import (
 )
 from .distributed import all_reduce_grad_stats
 from .modules import GradProbe, GradStatBatchNorm1d, GradStatBatchNorm2d, GradStatBatchNorm3d, recording_class
+from .noise import dy_variance_split, gsnr, noise_scale
 from .nonfinite import first_nonfinite
 from .ops import bn_backward_stats, channel_moments, cpu_capability, cuda_kernels_built
 from .records import metrics
-from .stats import ChannelStats, GradStats
+from .stats import ChannelStats, GradStats, PerSampleStats
 from .syncbn import GradStatSyncBatchNorm, GradStatSyncBatchNorm2d, convert_sync_batchnorm
 
 __all__ = [
@@ -47,6 +50,7 @@ __all__ = [
     "GradStatSyncBatchNorm",
     "GradStatSyncBatchNorm2d",
     "GradStats",
+    "PerSampleStats",
     "all_reduce_grad_stats",
     "batchnorms",
     "bn_backward_stats",
@@ -55,11 +59,14 @@ __all__ = [
     "convert_sync_batchnorm",
     "cpu_capability",
     "cuda_kernels_built",
+    "dy_variance_split",
     "first_nonfinite",
     "grad_stats_state_dict",
+    "gsnr",
     "instrument",
     "load_grad_stats_state_dict",
     "metrics",
+    "noise_scale",
     "plain_state_dict",
     "probes",
     "recording_class",

@@ -19,6 +19,7 @@ from .modules import (
     GradProbe,
     GradStatsRecorder,
     _module_device,
+    batch_norm_gradients,
     is_state_key,
     recording_class,
 )
@@ -42,7 +43,7 @@ def _is_normalization(module: nn.Module) -> bool:
 
 
 def convert_batchnorm(
-    module: nn.Module, *, grad_stats_ema_decay: float = 0.9, strict: bool = False
+    module: nn.Module, *, grad_stats_ema_decay: float = 0.9, per_sample: bool = False, strict: bool = False
 ) -> nn.Module:
     """Makes every batch-norm layer of ``module`` record gradient statistics; returns ``module``.
 
@@ -58,14 +59,24 @@ def convert_batchnorm(
     initialised, custom norms) are named in one warning; with ``strict=True`` they raise a
     ValueError instead. A converted subclass whose forward does not call F.batch_norm is named
     in a warning the first time it runs without recording.
+
+    ``per_sample=True`` makes every layer also record the per-sample terms of its parameter
+    gradients (see GradStatBatchNorm2d), layers already recording included.
     """
     skipped = []
     for name, child in module.named_modules():
         if isinstance(child, BatchNormRecorder):
+            if per_sample:
+                child.record_per_sample()
             continue
         if _convertible(child):
             child.__class__ = recording_class(type(child))
-            child._init_grad_stats(child.num_features, 2, grad_stats_ema_decay, _module_device(child))
+            child._init_grad_stats(
+                child.num_features,
+                batch_norm_gradients(per_sample),
+                grad_stats_ema_decay,
+                _module_device(child),
+            )
         elif _is_normalization(child):
             skipped.append(f"{name or '(the module itself)'} ({type(child).__name__})")
     if skipped:
@@ -187,6 +198,7 @@ def instrument(
     probes: bool = True,
     grad_stats_ema_decay: float = 0.9,
     record_activations: bool = False,
+    per_sample: bool = False,
     strict: bool = False,
 ) -> nn.Module:
     """Converts every batch-norm layer of ``model`` (convert_batchnorm) and, with ``probes``,
@@ -196,9 +208,10 @@ def instrument(
 
     A probe is a submodule ``grad_probe`` of its block, applied by a forward hook, so parameter
     names, pretrained weights and state_dicts of the model are unchanged (plus statistics
-    buffers). Calling it again adds nothing. Returns the model.
+    buffers). Calling it again adds nothing. ``per_sample`` as in convert_batchnorm. Returns
+    the model.
     """
-    convert_batchnorm(model, grad_stats_ema_decay=grad_stats_ema_decay, strict=strict)
+    convert_batchnorm(model, grad_stats_ema_decay=grad_stats_ema_decay, per_sample=per_sample, strict=strict)
     if not probes:
         return model
     for module in model.modules():

@@ -45,7 +45,17 @@ from torch.overrides import TorchFunctionMode
 
 from . import ops
 from .reference import bn_backward_formula
-from .stats import SLOT_ACCUMULATED, SLOT_EMA, SLOT_LAST, ChannelStats, GradStats, new_state
+from .stats import (
+    ROWS,
+    SAMPLE_GRAD_WEIGHT,
+    SLOT_ACCUMULATED,
+    SLOT_EMA,
+    SLOT_LAST,
+    ChannelStats,
+    GradStats,
+    PerSampleStats,
+    new_state,
+)
 
 STATE_BUFFER = "grad_stats_state"  # the attribute name, and the state_dict key of gradstats 0.1
 
@@ -71,7 +81,18 @@ class _BatchNormWithGradStats(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx, input, weight, bias, running_mean, running_var, state, use_batch_stats, momentum, eps, ema_decay
+        ctx,
+        input,
+        weight,
+        bias,
+        running_mean,
+        running_var,
+        state,
+        use_batch_stats,
+        momentum,
+        eps,
+        ema_decay,
+        keeper,
     ):
         output, save_mean, save_invstd = torch.ops.aten.native_batch_norm(
             input, weight, bias, running_mean, running_var, use_batch_stats, momentum, eps
@@ -87,12 +108,14 @@ class _BatchNormWithGradStats(torch.autograd.Function):
         ctx.use_batch_stats = use_batch_stats
         ctx.ema_decay = ema_decay
         ctx.eps = eps
+        ctx.keeper = keeper
         return output
 
     @staticmethod
     def backward(ctx, grad_output):
         input, weight, bias, mean, invstd = ctx.saved_tensors
         needs = ctx.needs_input_grad
+        per_sample = records_per_sample(ctx.state)
         if torch.is_grad_enabled():
             # backward(create_graph=True): the gradients must themselves be differentiable
             # functions of input, including through the batch mean and variance, which the
@@ -100,20 +123,45 @@ class _BatchNormWithGradStats(torch.autograd.Function):
             # fused op still measures the statistics.
             grads = _differentiable_grads(ctx, grad_output, input, weight, bias, mean, invstd)
             with torch.no_grad():
-                stats = ops.bn_backward_stats(
-                    grad_output, input, weight, mean, invstd, ctx.use_batch_stats, False
-                )[3]
+                _, _, _, stats, *terms = ops.bn_backward_stats(
+                    grad_output, input, weight, mean, invstd, ctx.use_batch_stats, False, per_sample
+                )
         else:
-            grad_input, grad_weight, grad_bias, stats = ops.bn_backward_stats(
-                grad_output, input, weight, mean, invstd, ctx.use_batch_stats, needs[0]
+            grad_input, grad_weight, grad_bias, stats, *terms = ops.bn_backward_stats(
+                grad_output, input, weight, mean, invstd, ctx.use_batch_stats, needs[0], per_sample
             )
             grads = (
                 grad_input if needs[0] else None,
                 grad_weight if needs[1] else None,
                 grad_bias if needs[2] else None,
             )
-        torch.ops.gradstats.record_grad_stats_(ctx.state, stats, ctx.ema_decay)
-        return (*grads, None, None, None, None, None, None, None)
+        record_batch_norm(ctx.state, stats, terms[0] if terms else None, ctx.ema_decay, ctx.keeper)
+        return (*grads, None, None, None, None, None, None, None, None)
+
+
+def records_per_sample(state: Tensor) -> bool:
+    """Whether a batch-norm state records per-sample terms (4 gradients, see gradstats.stats)."""
+    return state.shape[1] > SAMPLE_GRAD_WEIGHT
+
+
+def per_sample_moments(terms: Tensor) -> Tensor:
+    """[2, rows, C] float64: statistics over samples of the per-sample terms ([2, N, C] as
+    bn_backward_stats returns them: bias, weight), in the state's order (weight, bias)."""
+    samples, channels = terms.shape[1], terms.shape[2]
+    matrix = terms.flip(0).permute(1, 0, 2).reshape(samples, 2 * channels)  # [N, (weight, bias) x C]
+    return ops.channel_moments(matrix).reshape(ROWS, 2, channels).transpose(0, 1).contiguous()
+
+
+def record_batch_norm(state: Tensor, stats: Tensor, terms: Tensor | None, ema_decay: float, keeper) -> None:
+    """Folds one backward of a batch-norm layer into ``state``: the dy/dx statistics and, when
+    the state records them, the statistics over samples of the per-sample terms. ``keeper`` (the
+    module, or None) keeps the terms themselves for last_per_sample_grads (eager mode only:
+    a compiled backward cannot hand a tensor to a Python attribute)."""
+    if terms is not None:
+        stats = torch.cat([stats, per_sample_moments(terms)])
+        if keeper is not None and not torch.compiler.is_compiling():
+            keeper._last_per_sample_terms = terms.detach()
+    torch.ops.gradstats.record_grad_stats_(state, stats, ema_decay)
 
 
 def _differentiable_grads(ctx, grad_output, input, weight, bias, mean, invstd):
@@ -299,9 +347,59 @@ class BatchNormRecorder(GradStatsRecorder):
     """The mixin that makes a batch-norm class record: see the module docstring. Put in front of
     the original class by recording_class(); not used alone."""
 
-    def __init__(self, *args, grad_stats_ema_decay: float = 0.9, **kwargs) -> None:
+    # The per-sample terms of the last eager backward (per_sample=True), [2, N, C]: bias, weight.
+    _last_per_sample_terms: Tensor | None = None
+
+    def __init__(self, *args, grad_stats_ema_decay: float = 0.9, per_sample: bool = False, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self._init_grad_stats(self.num_features, 2, grad_stats_ema_decay, _module_device(self))
+        self._init_grad_stats(
+            self.num_features, batch_norm_gradients(per_sample), grad_stats_ema_decay, _module_device(self)
+        )
+
+    @property
+    def grad_stats_per_sample(self) -> bool:
+        """Whether this layer also records the per-sample terms of its parameter gradients."""
+        return records_per_sample(self.grad_stats_state)
+
+    def record_per_sample(self, enabled: bool = True) -> None:
+        """Starts (or stops) recording the per-sample terms of grad_weight and grad_bias. The
+        dy/dx statistics recorded so far are kept; per-sample records start empty."""
+        if enabled == self.grad_stats_per_sample:
+            return
+        gradients = batch_norm_gradients(enabled)
+        for name in (STATE_BUFFER, "_grad_stats_pending"):
+            old = self.__dict__.get(name)
+            if old is None:
+                continue
+            new = new_state(old.shape[-1], gradients, device=old.device)
+            new[:, :2] = old[:, :2]
+            self.__dict__[name] = new
+        if not enabled:
+            self._last_per_sample_terms = None
+
+    @property
+    def last_per_sample_grads(self) -> tuple[Tensor, Tensor] | None:
+        """(grad_weight, grad_bias) split by sample, each [N, C], of the last backward (their
+        sums over N are the batch's grad_weight and grad_bias): sample n's terms given the
+        batch (see docs/noise.md). None before the first backward, without per_sample, or when
+        the backward ran compiled (the statistics over samples are recorded either way)."""
+        terms = self._last_per_sample_terms
+        return None if terms is None else (terms[1], terms[0])
+
+    @property
+    def last_per_sample_stats(self) -> PerSampleStats | None:
+        """Statistics over the samples of the last backward of the per-sample terms."""
+        return PerSampleStats.from_slot(self.grad_stats_state[SLOT_LAST])
+
+    @property
+    def accumulated_per_sample_stats(self) -> PerSampleStats | None:
+        """Statistics over every sample since construction or reset_grad_stats()."""
+        return PerSampleStats.from_slot(self.grad_stats_state[SLOT_ACCUMULATED])
+
+    @property
+    def ema_per_sample_stats(self) -> PerSampleStats | None:
+        """Exponential moving average of the statistics over samples (grad_stats_ema_decay)."""
+        return PerSampleStats.from_slot(self.grad_stats_state[SLOT_EMA])
 
     def forward(self, *args, **kwargs):
         if not torch.is_grad_enabled():  # inference: nothing to record, no routing to pay for
@@ -359,6 +457,7 @@ class BatchNormRecorder(GradStatsRecorder):
                 momentum,
                 eps,
                 self.grad_stats_ema_decay,
+                self if self.grad_stats_per_sample else None,
             )
         )
 
@@ -368,6 +467,11 @@ class BatchNormRecorder(GradStatsRecorder):
         if type(self).__dict__.get("_grad_stats_created", False):
             return (_new_recording_module, (self._grad_stats_original_class,), self.__dict__.copy())
         return super().__reduce_ex__(protocol)
+
+
+def batch_norm_gradients(per_sample: bool) -> int:
+    """Gradients a batch-norm state holds: dy, dx, and the two per-sample terms if asked."""
+    return 4 if per_sample else 2
 
 
 _WARNED: set[type] = set()
@@ -458,6 +562,11 @@ _CLASS_DOC = """{torch_name} that records per-channel statistics of its gradient
     moving average: each backward down-weights earlier data by ``grad_stats_ema_decay``, in [0,
     1]). Each is None until a backward has run. Statistics stay on the module's device in
     float64; reading them synchronises once with the device, recording never does.
+
+    With ``per_sample=True`` the kernel also splits grad_weight and grad_bias by sample, in the
+    same pass: ``last_per_sample_grads`` gives them ([N, C] each), and ``last_/accumulated_/
+    ema_per_sample_stats`` their mean and variance over samples per channel, from which
+    gradstats.noise_scale, gradstats.gsnr and gradstats.dy_variance_split are derived.
     """
 
 

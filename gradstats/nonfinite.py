@@ -50,7 +50,8 @@ def first_nonfinite(model: nn.Module) -> NonfiniteSite | None:
     counts = []
     for _, m in recorders:
         last = m.grad_stats_state[SLOT_LAST, :, ROW_NONFINITE]  # [G, C]
-        counts.append((last[0], last[-1]))
+        # grad_input is gradient 1 (a probe has only one; per-sample terms follow in 2 and 3).
+        counts.append((last[0], last[min(1, last.shape[0] - 1)]))
     flat = torch.stack(
         [torch.stack([a.sum(), (a > 0).sum(), b.sum(), (b > 0).sum()]) for a, b in counts]
     ).cpu()

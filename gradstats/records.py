@@ -30,13 +30,17 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import pad_sequence
 
 from .convert import batchnorms, probes
-from .stats import SLOT_ACCUMULATED, SLOT_EMA, SLOT_LAST
+from .sample_stats import FIELDS as SAMPLE_FIELDS
+from .sample_stats import layer_fields, noise_scale_of
+from .stats import SAMPLE_GRAD_WEIGHT, SLOT_ACCUMULATED, SLOT_EMA, SLOT_LAST
 from .summary import FIELDS, summarize_moments
 
 SLOTS = {"last": SLOT_LAST, "accumulated": SLOT_ACCUMULATED, "ema": SLOT_EMA}
 BN_GRADIENTS = ("dy", "dx")
 BLOCK_GRADIENTS = ("grad",)
 PROBE_SUFFIX = ".grad_probe"
+# Per-sample quantities a BN layer with per_sample=True adds to the flat view.
+LOGGED_SAMPLE_FIELDS = ("noise_scale", "gsnr_weight", "gsnr_bias", "dy_between_fraction")
 # Wrappers' names are not part of the model's layer names: DistributedDataParallel's "module."
 # (leading), torch.compile's "_orig_mod." (anywhere).
 
@@ -66,31 +70,42 @@ def stage_of(name: str) -> str:
     return head if dot else "stem"
 
 
-def _reduce(slots: list[Tensor]) -> Tensor:
-    """[L, G, len(FIELDS)] float64: the summary (gradstats.summary) of every [G, rows, C] slot, on
-    their device, in a fixed number of operations whatever L (channel counts differ: padded with
-    empty channels, count 0, which the summary leaves out)."""
+def _stacked(slots: list[Tensor]) -> Tensor:
+    """[L, G, rows, Cmax]: [G, rows, C] slots of one G stacked, whatever their channel counts
+    (padded with empty channels, count 0, which every summary leaves out)."""
     # pad_sequence pads the first dimension: [C, G * rows] per layer -> [L, Cmax, G * rows].
     g, rows = slots[0].shape[0], slots[0].shape[1]
     padded = pad_sequence([s.reshape(g * rows, -1).t() for s in slots], batch_first=True)
-    return summarize_moments(padded.reshape(len(slots), -1, g, rows).permute(0, 2, 3, 1))
+    return padded.reshape(len(slots), -1, g, rows).permute(0, 2, 3, 1)
+
+
+def _reduce(slots: list[Tensor]) -> Tensor:
+    """[L, G, len(FIELDS)] float64: the summary (gradstats.summary) of every [G, rows, C] slot, on
+    their device, in a fixed number of operations whatever L."""
+    return summarize_moments(_stacked(slots))
 
 
 def summarize_slots(
     bn_slots: list[tuple[str, Tensor]], block_slots: list[tuple[str, Tensor]]
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Per-layer summaries (see the module docstring) of BN layers' [2, rows, C] and probes'
-    [1, rows, C] statistics (one slot each: count, mean, M2, nonfinite rows), as two lists of
-    dicts ``{"name", "stage", "channels", "count", "dy_mean", "dy_var", ..., "dx_over_dy"}`` and
-    ``{"name", ..., "grad_var", ..., "grad_var_ratio"}``. The reductions run on the slots' device;
-    their results come to the host in one copy. A layer that saw no backward has NaN moments.
+    """Per-layer summaries (see the module docstring) of BN layers' [2, rows, C] (or [4, rows,
+    C] with per-sample terms) and probes' [1, rows, C] statistics (one slot each: count, mean,
+    M2, nonfinite rows), as two lists of dicts ``{"name", "stage", "channels", "count",
+    "dy_mean", "dy_var", ..., "dx_over_dy"}`` and ``{"name", ..., "grad_var", ...,
+    "grad_var_ratio"}``; a BN layer with per-sample terms adds gradstats.sample_stats.FIELDS
+    (``noise_scale``, ``gsnr_weight``, ...). The reductions run on the slots' device; their
+    results come to the host in one copy. A layer that saw no backward has NaN moments.
     """
-    parts = [_reduce([s for _, s in group]).reshape(-1) for group in (bn_slots, block_slots) if group]
+    sampled = [slot for _, slot in bn_slots if slot.shape[0] > SAMPLE_GRAD_WEIGHT]
+    dy_dx = [(name, slot[:SAMPLE_GRAD_WEIGHT]) for name, slot in bn_slots]
+    parts = [_reduce([s for _, s in group]).reshape(-1) for group in (dy_dx, block_slots) if group]
+    if sampled:
+        parts.append(layer_fields(_stacked(sampled)).reshape(-1))
     values = torch.cat(parts).cpu().tolist() if parts else []  # the one device-to-host copy
     fields = len(FIELDS)
     out: list[list[dict[str, Any]]] = []
     offset = 0
-    for group, gradients in ((bn_slots, BN_GRADIENTS), (block_slots, BLOCK_GRADIENTS)):
+    for group, gradients in ((dy_dx, BN_GRADIENTS), (block_slots, BLOCK_GRADIENTS)):
         records = []
         for name, slot in group:
             record: dict[str, Any] = {"name": name, "stage": stage_of(name), "channels": slot.shape[-1]}
@@ -104,12 +119,25 @@ def summarize_slots(
             records.append(record)
         out.append(records)
     bn_records, block_records = out
-    for record in bn_records:
+    for record, (_, slot) in zip(bn_records, bn_slots):
         record["dx_over_dy"] = _ratio(record["dx_var"], record["dy_var"])
+        if slot.shape[0] > SAMPLE_GRAD_WEIGHT:
+            record.update(zip(SAMPLE_FIELDS, values[offset : offset + len(SAMPLE_FIELDS)]))
+            record["samples"] = int(record["samples"])
+            offset += len(SAMPLE_FIELDS)
     for record, following in zip(block_records, block_records[1:] + [None]):
         below = None if following is None else following["grad_var"]
         record["grad_var_ratio"] = None if below is None else _ratio(record["grad_var"], below)
     return bn_records, block_records
+
+
+def model_noise_scale(bn_records: list[dict[str, Any]]) -> float | None:
+    """B_simple of every BN parameter of the model together (the layers' tr(Sigma) and |G|^2
+    added up); None when no layer records per-sample terms."""
+    sampled = [r for r in bn_records if "trace_sigma" in r]
+    if not sampled:
+        return None
+    return noise_scale_of(sum(r["trace_sigma"] for r in sampled), sum(r["grad_sq_norm"] for r in sampled))
 
 
 def _ratio(a: float, b: float) -> float:
@@ -158,10 +186,14 @@ def flatten(
         for record in records:
             base = f"{prefix}{record['stage']}/{record['name']}/"
             keys = [f"{g}_{f}" for g in gradients for f in ("mean", "var", "nonfinite", "dead")] + list(extra)
+            keys += [key for key in LOGGED_SAMPLE_FIELDS if key in record]
             for key in keys:
                 value = record[key]
                 if value is not None:
                     flat[base + key] = float(value)
+    noise = model_noise_scale(bn_records)
+    if noise is not None:
+        flat[prefix + "model/noise_scale"] = noise
     return flat
 
 
@@ -175,8 +207,12 @@ def metrics(model: nn.Module, *, which: str = "accumulated", prefix: str = "grad
     ``dx_nonfinite`` (NaN/Inf values), ``dy_dead``, ``dx_dead`` (channels of zero variance),
     ``dx_over_dy`` (variance ratio); per residual block probe: ``grad_mean``, ``grad_var``,
     ``grad_nonfinite``, ``grad_dead`` and ``grad_var_ratio`` (this block's variance / the next
-    one's, absent for the last block). ``which``: "accumulated" (since the last
-    reset_grad_stats(), default), "last" (the last backward) or "ema". One device-to-host copy
+    one's, absent for the last block). Layers recording per-sample terms (per_sample=True) add
+    ``noise_scale`` (B_simple), ``gsnr_weight``, ``gsnr_bias`` (channel averages) and
+    ``dy_between_fraction`` (the share of dy's variance between samples), and the model
+    ``prefix + "model/noise_scale"`` (gradstats.sample_stats defines them). ``which``:
+    "accumulated" (since the last reset_grad_stats(), default), "last" (the last backward) or
+    "ema". One device-to-host copy
     for the whole model.
     """
     return flatten(*layer_summaries(model, which), prefix=prefix)

@@ -132,9 +132,7 @@ def bn_backward_stats_reference(
     return grad_input, grad_weight, grad_bias, stats
 
 
-def per_sample_reference(
-    grad_output: Tensor, input: Tensor, mean: Tensor, invstd: Tensor
-) -> Tensor:
+def per_sample_reference(grad_output: Tensor, input: Tensor, mean: Tensor, invstd: Tensor) -> Tensor:
     """float64 [2, N, C] (bias, weight) per-sample terms, as the op returns with per_sample=True."""
     as64 = lambda t: t.detach().double()  # noqa: E731
     return per_sample_sums(as64(grad_output), as64(input), as64(mean), as64(invstd))

@@ -5,6 +5,9 @@ tensor ``grad_stats_state`` (an attribute, not a buffer: see gradstats.modules) 
 [3, G, 4, C]:
   slot      0 last backward, 1 accumulated since reset, 2 exponential moving average
   gradient  G = 2 for a batch-norm layer: 0 grad_output (dy), 1 grad_input (dx);
+            G = 4 for a batch-norm layer recording per-sample terms (per_sample=True): also
+            2 grad_weight's and 3 grad_bias's per-sample terms, whose statistics run over
+            samples (count = samples) instead of over values;
             G = 1 for a probe: the gradient flowing through it
   row       0 count of finite values, 1 their mean, 2 their M2 (sum of squared deviations
             from the mean), 3 count of NaN and infinite values
@@ -23,6 +26,7 @@ from torch import Tensor
 
 SLOT_LAST, SLOT_ACCUMULATED, SLOT_EMA = 0, 1, 2
 GRAD_OUTPUT, GRAD_INPUT = 0, 1
+SAMPLE_GRAD_WEIGHT, SAMPLE_GRAD_BIAS = 2, 3  # per-sample terms (G = 4)
 ROW_COUNT, ROW_MEAN, ROW_M2, ROW_NONFINITE = 0, 1, 2, 3
 ROWS = 4
 
@@ -108,3 +112,28 @@ class GradStats:
         grad_output = ChannelStats.from_moments(slot[GRAD_OUTPUT])
         grad_input = ChannelStats.from_moments(slot[GRAD_INPUT]) if slot.shape[0] > 1 else grad_output
         return cls(grad_output=grad_output, grad_input=grad_input)
+
+
+@dataclass(frozen=True)
+class PerSampleStats:
+    """Statistics over samples of a batch-norm layer's per-sample parameter-gradient terms: per
+    channel, the count of samples (count), mean and population variance over them of sample n's
+    term of grad_weight (sum over its positions of dy * x_hat) and of grad_bias (sum of dy).
+    Samples whose term is NaN or infinite are counted in nonfinite and left out."""
+
+    grad_weight: ChannelStats
+    grad_bias: ChannelStats
+
+    @classmethod
+    def from_slot(cls, slot: Tensor) -> PerSampleStats | None:
+        """From one [4, 4, C] slot of a per-sample state; None when the layer records no
+        per-sample terms or none yet."""
+        if slot.shape[0] <= SAMPLE_GRAD_BIAS:
+            return None
+        first = slot[SAMPLE_GRAD_WEIGHT, :, 0]
+        if slot.shape[-1] == 0 or not bool(first[ROW_COUNT] + first[ROW_NONFINITE] > 0):
+            return None
+        return cls(
+            grad_weight=ChannelStats.from_moments(slot[SAMPLE_GRAD_WEIGHT]),
+            grad_bias=ChannelStats.from_moments(slot[SAMPLE_GRAD_BIAS]),
+        )

@@ -25,8 +25,16 @@ from torch.autograd.function import once_differentiable
 
 from . import ops
 from .distributed import all_gather_stacked
-from .modules import BatchNormRecorder, GradStatBatchNorm2d, _module_device, _register
-from .reference import bn_backward_sums, bn_grad_input
+from .modules import (
+    BatchNormRecorder,
+    GradStatBatchNorm2d,
+    _module_device,
+    _register,
+    batch_norm_gradients,
+    record_batch_norm,
+    records_per_sample,
+)
+from .reference import bn_backward_sums, bn_grad_input, per_sample_sums
 from .stats import ROW_COUNT, ROW_M2, ROW_MEAN, ROW_NONFINITE, merge_moments
 
 __all__ = ["GradStatSyncBatchNorm", "GradStatSyncBatchNorm2d", "convert_sync_batchnorm"]
@@ -51,6 +59,7 @@ class _SyncBatchNormWithGradStats(torch.autograd.Function):
         ema_decay,
         group,
         world_size,
+        keeper,
     ):
         local = ops.channel_moments(input.detach())  # [rows, C] float64: this rank's moments
         gathered = all_gather_stacked(local, world_size, group)
@@ -75,6 +84,7 @@ class _SyncBatchNormWithGradStats(torch.autograd.Function):
             output = output * weight.to(acc).view(shape) + bias.to(acc).view(shape)
         ctx.save_for_backward(input, weight, mean, invstd, count.to(acc))
         ctx.state, ctx.ema_decay, ctx.group = state, ema_decay, group
+        ctx.keeper = keeper
         return output.to(input.dtype)
 
     @staticmethod
@@ -92,12 +102,14 @@ class _SyncBatchNormWithGradStats(torch.autograd.Function):
         grad_input = bn_grad_input(dy, x, acc_weight, mean, invstd, total.chunk(2), count)
         grad_input = grad_input.to(input.dtype)
         stats = torch.stack([ops.channel_moments(grad_output), ops.channel_moments(grad_input)])
-        ops.record_grad_stats_(ctx.state, stats, ctx.ema_decay)
+        # Per-sample terms given the global batch: this rank's samples, the global mean and invstd.
+        terms = per_sample_sums(dy, x, mean, invstd) if records_per_sample(ctx.state) else None
+        record_batch_norm(ctx.state, stats, terms, ctx.ema_decay, ctx.keeper)
         grad_weight = grad_bias = None
         if weight is not None:  # this rank's share, as nn.SyncBatchNorm returns it
             grad_weight = sum_dy_xhat.to(weight.dtype)
             grad_bias = sum_dy.to(weight.dtype)
-        return grad_input, grad_weight, grad_bias, None, None, None, None, None, None, None, None
+        return grad_input, grad_weight, grad_bias, None, None, None, None, None, None, None, None, None
 
 
 class _GlobalBatchForward:
@@ -134,6 +146,7 @@ class _GlobalBatchForward:
                 self.grad_stats_ema_decay,
                 self.process_group,
                 world_size,
+                self if self.grad_stats_per_sample else None,
             )
         )
 
@@ -169,7 +182,7 @@ class GradStatSyncBatchNorm2d(_GlobalBatchForward, GradStatBatchNorm2d):
 
 
 def convert_sync_batchnorm(
-    module: nn.Module, process_group=None, *, grad_stats_ema_decay: float = 0.9
+    module: nn.Module, process_group=None, *, grad_stats_ema_decay: float = 0.9, per_sample: bool = False
 ) -> nn.Module:
     """Makes every nn.BatchNorm2d of ``module`` (exact type, or GradStatBatchNorm2d) a
     GradStatSyncBatchNorm2d in place (``__class__`` swapped: parameters, buffers, hooks and
@@ -182,5 +195,12 @@ def convert_sync_batchnorm(
         child.__class__ = GradStatSyncBatchNorm2d
         child.process_group = process_group
         if not recording:
-            child._init_grad_stats(child.num_features, 2, grad_stats_ema_decay, _module_device(child))
+            child._init_grad_stats(
+                child.num_features,
+                batch_norm_gradients(per_sample),
+                grad_stats_ema_decay,
+                _module_device(child),
+            )
+        elif per_sample:
+            child.record_per_sample()
     return module

@@ -26,7 +26,8 @@ from torch import Tensor, nn
 from ..convert import batchnorms, instrument, probes
 from ..extras import require
 from ..models import VARIANTS, cifar_resnet_variant
-from ..records import layer_summaries
+from ..records import layer_summaries, model_noise_scale
+from ..sample_stats import FIELDS as SAMPLE_FIELDS
 from ..summary import summarize_channels
 from .data import ImageData, load_dataset
 from .logs import finite
@@ -49,6 +50,7 @@ class AnalysisConfig:
     data: str = "builtin"
     device: str = "cpu"
     seed: int = 0
+    per_sample: bool = False  # also the noise scale, GSNR and dy variance split per block
 
 
 def parse_variants(text: str) -> tuple[str, ...]:
@@ -124,9 +126,31 @@ def measure(
     bn_layers = [
         {key: record[key] for key in ("name", "channels", "dy_var", "dx_var", "dy_mean", "dx_mean")}
         | {"dx_over_dy": record["dx_over_dy"] if record["dy_var"] > 0 else None}
+        | {key: record[key] for key in SAMPLE_FIELDS if key in record}
         for record in bn_records
     ]
-    return {"blocks": blocks, "bn_layers": bn_layers, "summary": summarize(blocks)}
+    summary = summarize(blocks)
+    if config.per_sample:
+        for block in blocks:
+            block.update(block_noise(block["name"], bn_records))
+        summary["noise_scale"] = model_noise_scale(bn_records)
+    return {"blocks": blocks, "bn_layers": bn_layers, "summary": summary}
+
+
+def block_noise(block: str, bn_records: list[dict]) -> dict:
+    """The per-sample quantities of a residual block, from its BN layers' records: B_simple of
+    their parameters together (tr(Sigma) and |G|^2 added up), and the channel-averaged GSNR and
+    between-sample share of dy's variance averaged over the layers."""
+    inside = [r for r in bn_records if r["name"].startswith(block + ".") and "trace_sigma" in r]
+    if not inside:
+        return {}
+    mean = lambda key: statistics.fmean(r[key] for r in inside)  # noqa: E731
+    return {
+        "noise_scale": model_noise_scale(inside),
+        "gsnr_weight": mean("gsnr_weight"),
+        "gsnr_bias": mean("gsnr_bias"),
+        "dy_between_fraction": mean("dy_between_fraction"),
+    }
 
 
 def _spread(var: Tensor) -> float:
@@ -184,7 +208,7 @@ def analyze_variant(variant: str, config: AnalysisConfig, data: ImageData, on_st
     model = cifar_resnet_variant(
         variant, config.depth, width=config.width, preact=config.preact, num_classes=data.num_classes
     )
-    model = instrument(model, record_activations=True).to(config.device)
+    model = instrument(model, record_activations=True, per_sample=config.per_sample).to(config.device)
     # One sequence of batches: the measurement, the training steps, the measurement after them.
     samples = len(data.train_labels)
     sampler = BatchSampler(samples, min(config.batch_size, samples), config.seed)
@@ -248,6 +272,8 @@ def format_report(result: dict) -> str:
                     f"{b['grad_var_min']:>11.2e}..{b['grad_var_max']:<10.2e} {ratio:>7} "
                     f"{b['act_var']:>11.3e}{mark}"
                 )
+            if "noise_scale" in m["summary"]:
+                lines.extend(_noise_lines(m))
     lines.append(
         "\ncomparison (gradient variance): first/last block, largest and geometric-mean block-to-block "
         "ratio within stages, ratios across stage transitions"
@@ -263,6 +289,25 @@ def format_report(result: dict) -> str:
             + ", ".join(f"{t:.3f}" for t in s["transition_ratios"])
         )
     return "\n".join(lines)
+
+
+def _noise_lines(m: dict) -> list[str]:
+    """The per-sample table of one measurement (--per-sample): per block, B_simple of its BN
+    parameters, mean GSNR of weight and bias, dy's between-sample variance share."""
+    fmt = lambda v, f: "n/a" if v is None or math.isnan(v) else format(v, f)  # noqa: E731
+    lines = [
+        "  per-sample terms of the blocks' BN parameters (docs/noise.md): noise scale B_simple, "
+        "mean GSNR, share of dy's variance between samples",
+        f"  {'block':<12} {'B_simple':>10} {'GSNR w':>9} {'GSNR b':>9} {'between':>8}",
+    ]
+    for b in m["blocks"]:
+        if "noise_scale" in b:
+            lines.append(
+                f"  {b['name']:<12} {fmt(b['noise_scale'], '10.3g')} {fmt(b['gsnr_weight'], '9.3g')} "
+                f"{fmt(b['gsnr_bias'], '9.3g')} {fmt(b['dy_between_fraction'], '8.3f')}"
+            )
+    lines.append(f"  model (every BN parameter): B_simple {fmt(m['summary']['noise_scale'], '.4g')}")
+    return lines
 
 
 def plot(result: dict, path: str) -> None:
@@ -341,6 +386,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--per-sample",
+        action="store_true",
+        help="also the gradient noise scale, GSNR and dy variance split per block, from the per-sample "
+        "terms of the BN parameter gradients (docs/noise.md)",
+    )
     parser.add_argument("--json", metavar="PATH", help="write the results as JSON")
     parser.add_argument("--plot", metavar="PATH", help="write a PNG of variance against block index")
     parser.add_argument(
@@ -371,6 +422,7 @@ def config_from_args(args: argparse.Namespace) -> AnalysisConfig:
         data=args.data,
         device=str(resolve_device(args.device)),
         seed=args.seed,
+        per_sample=args.per_sample,
     )
     if not config.variants:
         raise ValueError(f"--variants: none given; choose from {', '.join(VARIANTS)} or 'all'")

@@ -6,10 +6,13 @@ A stats.jsonl record:
     {"step", "epoch", "lr", "train_loss", "train_acc", "samples", "images_per_s", "elapsed_s",
      "bn_layers": [{"name", "stage", "channels", "count", "dy_mean", "dy_var", "dy_var_min",
                     "dy_var_max", "dy_nonfinite", "dy_dead", "dx_...": the same for dx,
-                    "dx_over_dy"}],
+                    "dx_over_dy", with --per-sample also "samples", "trace_sigma",
+                    "grad_sq_norm", "noise_scale", "gsnr_weight", "gsnr_bias", "dy_between",
+                    "dy_within", "dy_between_fraction" (gradstats.sample_stats)}],
      "blocks": [{"name", "stage", "channels", "count", "grad_mean", "grad_var", "grad_var_min",
                  "grad_var_max", "grad_nonfinite", "grad_dead", "grad_var_ratio"}],
-     "alerts": [{"kind", "layer", "step", "message"}]}
+     "alerts": [{"kind", "layer", "step", "message"}],
+     "noise_scale": the model's B_simple (with --per-sample)}
 The per-layer entries are gradstats.records.summarize_slots' (its docstring defines them) over
 the interval since the last record; "alerts" are gradstats.alerts.check's for this record.
 Non-finite numbers become null.
@@ -25,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from ..records import flatten
-from .plots import block_variance_curves, variance_heatmap
+from .plots import block_variance_curves, noise_scale_curves, variance_heatmap
 from .safe_files import open_in, replace_in
 
 STATS_FILE = "stats.jsonl"
@@ -138,3 +141,20 @@ def plot_block_variance(records: list[dict[str, Any]], out: str) -> list[str]:
     )
     curves = replace_in(out, "grad_var_blocks.png", lambda f: fig.savefig(f, format="png", dpi=110), True)
     return [heatmap, curves]
+
+
+def plot_noise_scale(records: list[dict[str, Any]], out: str) -> list[str]:
+    """``noise_scale.png`` in ``out``: the model's gradient noise scale over training and against
+    the training loss, from runs with --per-sample (none otherwise). Returns its path."""
+    records = [r for r in records if "noise_scale" in r]
+    if not records:
+        return []
+    steps = [r["step"] for r in records]
+    noise = np.array([_number(r.get("noise_scale")) for r in records], dtype=float)
+    loss = np.array([_number(r.get("train_loss")) for r in records], dtype=float)
+    fig = noise_scale_curves(steps, noise, loss, "noise scale against training loss")
+    return [replace_in(out, "noise_scale.png", lambda f: fig.savefig(f, format="png", dpi=110), True)]
+
+
+def _number(value) -> float:
+    return math.nan if value is None else float(value)

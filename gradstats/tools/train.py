@@ -38,6 +38,7 @@ RUN_FIELDS = (
     "image_size",
     "sync_bn",
     "amp",
+    "per_sample",
     "dtype",
     "seed",
 )
@@ -102,6 +103,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="mixed precision: bfloat16 autocast on CPU; float16 autocast with a GradScaler on CUDA "
         "(statistics in loss units, skipped steps left out: gradstats.track_grad_scaler)",
+    )
+    add(
+        "--per-sample",
+        action="store_true",
+        default=None,
+        help="also record the per-sample terms of the BN parameter gradients: gradient noise scale, "
+        "GSNR and the between/within split of dy's variance (docs/noise.md)",
     )
     add("--dtype", choices=list(DTYPES), help="model and data dtype (default float32)")
     add("--seed", type=int, help="(default 0)")

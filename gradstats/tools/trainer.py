@@ -30,7 +30,7 @@ from ..amp import track_grad_scaler
 from ..convert import batchnorms, grad_stats_state_dict, instrument, load_grad_stats_state_dict, probes
 from ..extras import MissingExtra, require
 from ..models import VARIANTS, cifar_resnet_variant
-from ..records import layer_name, summarize_slots
+from ..records import layer_name, model_noise_scale, summarize_slots
 from ..syncbn import convert_sync_batchnorm
 from . import launch, logs
 from .checkpoint import save_checkpoint
@@ -83,6 +83,7 @@ class TrainConfig:
     wandb: str = ""  # a Weights & Biases project: log there too
     alert_thresholds: dict[str, float] = field(default_factory=dict)  # gradstats.alerts.AlertThresholds
     eval_batch_size: int = 500
+    per_sample: bool = False  # record per-sample BN parameter-gradient terms: noise scale, GSNR
 
     def validate(self) -> None:
         check_choice(self, "model", ("cifar_resnet", *TORCHVISION_MODELS))
@@ -149,8 +150,8 @@ def build_model(config: TrainConfig, num_classes: int, image_size: int = 32) -> 
             model.conv1 = nn.Conv2d(3, model.conv1.out_channels, 3, 1, 1, bias=False)
             model.maxpool = nn.Identity()
     if config.sync_bn:
-        convert_sync_batchnorm(model)
-    return instrument(model)
+        convert_sync_batchnorm(model, per_sample=config.per_sample)
+    return instrument(model, per_sample=config.per_sample)
 
 
 def build_schedule(optimizer: torch.optim.Optimizer, config: TrainConfig, total_steps: int):
@@ -395,6 +396,8 @@ class Trainer:
             "bn_layers": bn_layers,
             "blocks": blocks,
         }
+        if self.config.per_sample:
+            record["noise_scale"] = model_noise_scale(bn_layers)
         record["alerts"] = self.alerts(record)
         histograms = channel_log10_variances(bn_slots, block_slots) if self.stats.writers else None
         self.stats.write(record, histograms)
@@ -497,6 +500,7 @@ class Trainer:
         records = logs.read_records(self.stats_path)
         try:
             plots = logs.plot_block_variance(records, self.config.out)
+            plots += logs.plot_noise_scale(records, self.config.out)
         except MissingExtra as error:
             self.log(f"note: no plots: {error}")
             plots = []
@@ -523,6 +527,7 @@ class Trainer:
             "records": len(records),
             "block_grad_var_first": _block_var(records[0]) if records else None,
             "block_grad_var_last": _block_var(records[-1]) if records else None,
+            "noise_scale": [[r["step"], r.get("noise_scale")] for r in records if "noise_scale" in r],
             "plots": [os.path.basename(p) for p in plots],
             "alerts": self.history["alerts"],
         }

@@ -115,7 +115,8 @@ def test_evaluates_each_epoch_on_an_image_folder(tmp_path, tiny_folder):
     assert summary["steps_per_epoch"] == 2 and summary["epochs"] == 2
 
 
-def test_no_host_synchronisation_inside_training_steps(tmp_path, monkeypatch):
+@pytest.mark.parametrize("per_sample", [False, True], ids=["plain", "per_sample"])
+def test_no_host_synchronisation_inside_training_steps(tmp_path, monkeypatch, per_sample):
     """Reading a tensor's value on the host (item, tolist, bool, float, ...) would synchronise
     with a GPU: none may happen inside a training step, only in the logging between steps.
     (On CPU this catches Python-level reads; C++ ones would not show.)"""
@@ -146,6 +147,7 @@ def test_no_host_synchronisation_inside_training_steps(tmp_path, monkeypatch):
         steps=5,
         log_every=2,
         augment=True,
+        per_sample=per_sample,
     )
     assert reads == []
     assert len(read_records(tmp_path)) == 3  # the logging steps did run (and read values)

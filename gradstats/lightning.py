@@ -52,6 +52,8 @@ class GradStatsCallback(_pl.Callback):
         convert: instrument the LightningModule in ``setup`` (BN layers converted, block probes);
             False: it must already hold recording modules.
         probes: with ``convert``, also probe residual blocks (gradstats.instrument).
+        per_sample: with ``convert``, also record the per-sample terms of the BN parameter
+            gradients, so that the metrics carry the noise scale, GSNR and dy variance split.
         prefix: metric name prefix (gradstats.metrics).
         thresholds: alert thresholds; ``alerts=False`` turns alerts off.
     """
@@ -61,6 +63,7 @@ class GradStatsCallback(_pl.Callback):
         *,
         convert: bool = True,
         probes: bool = True,
+        per_sample: bool = False,
         log_every_n_steps: int | None = None,
         prefix: str = "gradstats/",
         thresholds: AlertThresholds | None = None,
@@ -68,7 +71,7 @@ class GradStatsCallback(_pl.Callback):
     ) -> None:
         if log_every_n_steps is not None and log_every_n_steps < 1:
             raise ValueError(f"log_every_n_steps must be at least 1, got {log_every_n_steps}")
-        self.convert, self.probes = convert, probes
+        self.convert, self.probes, self.per_sample = convert, probes, per_sample
         self.log_every_n_steps = log_every_n_steps
         self.prefix = prefix
         self.thresholds = thresholds or AlertThresholds()
@@ -83,7 +86,7 @@ class GradStatsCallback(_pl.Callback):
         if stage != "fit":
             return
         if self.convert:
-            instrument(pl_module, probes=self.probes)
+            instrument(pl_module, probes=self.probes, per_sample=self.per_sample)
         if not any(recorders(pl_module)):
             raise ValueError(
                 "GradStatsCallback: the LightningModule has no nn.BatchNorm2d layer or residual block "

@@ -69,6 +69,7 @@ def main(argv=None) -> GradStatsCallback:
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--every", type=int, default=2)
     parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--per-sample", action="store_true")
     parser.add_argument(
         "--loss-scale",
         type=float,
@@ -80,7 +81,7 @@ def main(argv=None) -> GradStatsCallback:
     model = Classifier()
     if args.compile:
         model.net = torch.compile(model.net, backend="aot_eager", fullgraph=True)
-    callback = GradStatsCallback()
+    callback = GradStatsCallback(per_sample=args.per_sample)
     precision = {}
     if args.loss_scale > 0:
         scaler = torch.amp.GradScaler("cpu", init_scale=args.loss_scale, growth_interval=1000)

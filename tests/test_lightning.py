@@ -42,10 +42,10 @@ def _csv_rows(out) -> dict[int, dict[str, float]]:
     }
 
 
-def _plain_loop_metrics(steps: int, every: int) -> dict[int, dict[str, float]]:
+def _plain_loop_metrics(steps: int, every: int, per_sample: bool = False) -> dict[int, dict[str, float]]:
     """The job's training in a plain loop: metrics() every ``every`` steps, then a reset."""
     torch.manual_seed(0)
-    net = gradstats.instrument(cifar_resnet(8))
+    net = gradstats.instrument(cifar_resnet(8), per_sample=per_sample)
     optimizer = torch.optim.SGD(net.parameters(), lr=0.05)
     loader = torch.utils.data.DataLoader(lightning_job.dataset(), batch_size=8, shuffle=False)
     out = {}
@@ -81,6 +81,15 @@ def test_csv_holds_each_intervals_statistics(tmp_path, compiled):
         assert rows[step]["gradstats/alerts"] == 0
         _assert_same(rows[step], expected[step], rel=1e-9 if not compiled else 1e-5)
     assert callback.alerts == []
+
+
+def test_per_sample_metrics_reach_the_csv(tmp_path):
+    lightning_job.main([str(tmp_path), "--steps", "2", "--every", "2", "--per-sample"])
+    rows = _csv_rows(tmp_path)
+    expected = _plain_loop_metrics(2, 2, per_sample=True)
+    assert "gradstats/model/noise_scale" in expected[2]
+    assert any(k.endswith("/gsnr_weight") for k in expected[2])
+    _assert_same(rows[2], expected[2], rel=1e-9)
 
 
 def test_loss_units_under_16_bit_mixed_precision_with_a_grad_scaler(tmp_path):

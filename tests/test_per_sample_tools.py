@@ -13,6 +13,7 @@ from conftest import read_records, train_quietly
 from gradstats.records import model_noise_scale
 from gradstats.sample_stats import FIELDS as SAMPLE_FIELDS
 from gradstats.tools.cli import main as cli_main
+from gradstats.tools.report import write_report
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -33,6 +34,8 @@ def test_train_per_sample_records_noise_scale(tmp_path):
     assert (tmp_path / "noise_scale.png").read_bytes().startswith(PNG)
     config = json.loads((tmp_path / "summary.json").read_text())["config"]
     assert config["per_sample"] is True
+    html = open(write_report(str(tmp_path)), encoding="utf-8").read()
+    assert "gradient noise scale B_simple" in html
 
 
 def test_train_without_per_sample_has_no_such_fields(tmp_path):
@@ -40,6 +43,7 @@ def test_train_without_per_sample_has_no_such_fields(tmp_path):
     (record,) = read_records(tmp_path)
     assert "noise_scale" not in record and "trace_sigma" not in record["bn_layers"][0]
     assert not (tmp_path / "noise_scale.png").exists()
+    assert "noise scale" not in open(write_report(str(tmp_path)), encoding="utf-8").read()
 
 
 def test_resume_keeps_per_sample_a_run_setting(tmp_path, capsys):

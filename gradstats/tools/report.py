@@ -31,7 +31,7 @@ import numpy as np
 
 from .data import DataError
 from .logs import STATS_FILE
-from .plots import block_variance_curves, variance_heatmap
+from .plots import block_variance_curves, noise_scale_curves, variance_heatmap
 from .safe_files import replace_in
 
 SUMMARY_FILE = "summary.json"
@@ -82,6 +82,7 @@ class Run:
     steps: list[float] = field(default_factory=list)
     train_loss: list[float] = field(default_factory=list)
     train_acc: list[float] = field(default_factory=list)
+    noise_scale: list[float] = field(default_factory=list)  # runs with --per-sample
     series: dict[tuple[str, str], LayerSeries] = field(
         default_factory=lambda: {(group, key): LayerSeries(group, key) for group, key in _SERIES}
     )
@@ -93,6 +94,7 @@ class Run:
         self.steps.append(record["step"])
         self.train_loss.append(_number(record.get("train_loss")))
         self.train_acc.append(_number(record.get("train_acc")))
+        self.noise_scale.append(_number(record.get("noise_scale")))
         for series in self.series.values():
             series.add(record)
         self.last_record = record
@@ -267,6 +269,13 @@ def _training_curves(run: Run) -> str | None:
     return _png(fig)
 
 
+def _noise_scale(run: Run) -> str | None:
+    noise, loss = np.array(run.noise_scale, dtype=float), np.array(run.train_loss, dtype=float)
+    if not (np.isfinite(noise) & (noise > 0)).any():
+        return None
+    return _png(noise_scale_curves(run.steps, noise, loss, "noise scale against training loss"))
+
+
 # -- HTML -----------------------------------------------------------------------------------------
 
 
@@ -402,6 +411,9 @@ def render_html(run: Run) -> str:
             ),
             _figure(_training_curves(run), "training curves", "no loss or accuracy recorded"),
         ]
+        noise = _noise_scale(run)
+        if noise is not None:  # runs with --per-sample only
+            figures.append(_figure(noise, "gradient noise scale B_simple (docs/noise.md)", ""))
     status = "finished" if summary is not None else "in progress (no summary.json)"
     overview = [["status", status], ["records in stats.jsonl", len(run.steps)]]
     if run.steps:

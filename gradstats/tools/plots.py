@@ -70,12 +70,14 @@ def block_variance_curves(
 def noise_scale_curves(steps: list[int], noise: np.ndarray, loss: np.ndarray, title: str) -> Any:
     """A Figure of the gradient noise scale B_simple over training (log axis) beside the
     training loss, and B_simple against the loss: whether the noise scale grows as the loss
-    falls (McCandlish et al. 2018, section 3). Points where B_simple is undefined are left out."""
+    falls (McCandlish et al. 2018, section 3). Points where B_simple is undefined (NaN: the
+    |G|^2 estimate was not positive) are left out; without any, the panels stay empty."""
     fig = figure(11.0, 4.2)
     left, right = fig.subplots(1, 2)
     defined = np.isfinite(noise) & (noise > 0)
     left.plot(np.asarray(steps)[defined], noise[defined], "o-", ms=3, color="C0")
-    left.set_yscale("log")
+    if defined.any():  # a log axis needs a positive value
+        left.set_yscale("log")
     left.set_xlabel("training step (end of logging interval)")
     left.set_ylabel("B_simple = tr(Sigma) / |G|^2", color="C0")
     twin = left.twinx()
@@ -85,8 +87,9 @@ def noise_scale_curves(steps: list[int], noise: np.ndarray, loss: np.ndarray, ti
     left.grid(True, which="both", alpha=0.3)
     usable = defined & np.isfinite(loss) & (loss > 0)
     right.plot(loss[usable], noise[usable], "o", ms=3)
-    right.set_xscale("log")
-    right.set_yscale("log")
+    if usable.any():
+        right.set_xscale("log")
+        right.set_yscale("log")
     right.invert_xaxis()
     right.set_xlabel("training loss (falling to the right)")
     right.set_ylabel("B_simple")

@@ -83,6 +83,7 @@ class Run:
     train_loss: list[float] = field(default_factory=list)
     train_acc: list[float] = field(default_factory=list)
     noise_scale: list[float] = field(default_factory=list)  # runs with --per-sample
+    per_sample: bool = False  # any record holds a noise scale
     series: dict[tuple[str, str], LayerSeries] = field(
         default_factory=lambda: {(group, key): LayerSeries(group, key) for group, key in _SERIES}
     )
@@ -95,6 +96,7 @@ class Run:
         self.train_loss.append(_number(record.get("train_loss")))
         self.train_acc.append(_number(record.get("train_acc")))
         self.noise_scale.append(_number(record.get("noise_scale")))
+        self.per_sample = self.per_sample or "noise_scale" in record
         for series in self.series.values():
             series.add(record)
         self.last_record = record
@@ -411,9 +413,15 @@ def render_html(run: Run) -> str:
             ),
             _figure(_training_curves(run), "training curves", "no loss or accuracy recorded"),
         ]
-        noise = _noise_scale(run)
-        if noise is not None:  # runs with --per-sample only
-            figures.append(_figure(noise, "gradient noise scale B_simple (docs/noise.md)", ""))
+        if run.per_sample:
+            figures.append(
+                _figure(
+                    _noise_scale(run),
+                    "gradient noise scale B_simple over training and against the loss (docs/noise.md)",
+                    "no positive noise-scale estimate in any record: the |G|^2 estimate needs more "
+                    "samples per record (a longer --log-every)",
+                )
+            )
     status = "finished" if summary is not None else "in progress (no summary.json)"
     overview = [["status", status], ["records in stats.jsonl", len(run.steps)]]
     if run.steps:

@@ -46,6 +46,9 @@ from torch.overrides import TorchFunctionMode
 from . import ops
 from .reference import bn_backward_formula
 from .stats import (
+    PER_SAMPLE_GRADIENTS,
+    ROW_COUNT,
+    ROW_MEAN,
     ROWS,
     SAMPLE_GRAD_WEIGHT,
     SLOT_ACCUMULATED,
@@ -140,16 +143,22 @@ class _BatchNormWithGradStats(torch.autograd.Function):
 
 
 def records_per_sample(state: Tensor) -> bool:
-    """Whether a batch-norm state records per-sample terms (4 gradients, see gradstats.stats)."""
+    """Whether a batch-norm state records per-sample terms (6 gradients, see gradstats.stats)."""
     return state.shape[1] > SAMPLE_GRAD_WEIGHT
 
 
 def per_sample_moments(terms: Tensor) -> Tensor:
-    """[2, rows, C] float64: statistics over samples of the per-sample terms ([2, N, C] as
-    bn_backward_stats returns them: bias, weight), in the state's order (weight, bias)."""
+    """[4, rows, C] float64 of the per-sample terms ([2, N, C] as bn_backward_stats returns
+    them: bias, weight), in the state's order: statistics over the samples of the weight and
+    bias terms, then the batch's mean of each as one value (count 1, M2 0; count 0 when no
+    sample was finite)."""
     samples, channels = terms.shape[1], terms.shape[2]
     matrix = terms.flip(0).permute(1, 0, 2).reshape(samples, 2 * channels)  # [N, (weight, bias) x C]
-    return ops.channel_moments(matrix).reshape(ROWS, 2, channels).transpose(0, 1).contiguous()
+    over_samples = ops.channel_moments(matrix).reshape(ROWS, 2, channels).transpose(0, 1)
+    batch_mean = torch.zeros_like(over_samples)
+    batch_mean[:, ROW_COUNT] = (over_samples[:, ROW_COUNT] > 0).to(batch_mean.dtype)
+    batch_mean[:, ROW_MEAN] = over_samples[:, ROW_MEAN]
+    return torch.cat([over_samples, batch_mean]).contiguous()
 
 
 def record_batch_norm(state: Tensor, stats: Tensor, terms: Tensor | None, ema_decay: float, keeper) -> None:
@@ -470,8 +479,9 @@ class BatchNormRecorder(GradStatsRecorder):
 
 
 def batch_norm_gradients(per_sample: bool) -> int:
-    """Gradients a batch-norm state holds: dy, dx, and the two per-sample terms if asked."""
-    return 4 if per_sample else 2
+    """Gradients a batch-norm state holds: dy, dx, and with per-sample terms also their
+    statistics over samples and over batch means (see gradstats.stats)."""
+    return PER_SAMPLE_GRADIENTS if per_sample else 2
 
 
 _WARNED: set[type] = set()

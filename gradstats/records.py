@@ -88,7 +88,7 @@ def _reduce(slots: list[Tensor]) -> Tensor:
 def summarize_slots(
     bn_slots: list[tuple[str, Tensor]], block_slots: list[tuple[str, Tensor]]
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Per-layer summaries (see the module docstring) of BN layers' [2, rows, C] (or [4, rows,
+    """Per-layer summaries (see the module docstring) of BN layers' [2, rows, C] (or [6, rows,
     C] with per-sample terms) and probes' [1, rows, C] statistics (one slot each: count, mean,
     M2, nonfinite rows), as two lists of dicts ``{"name", "stage", "channels", "count",
     "dy_mean", "dy_var", ..., "dx_over_dy"}`` and ``{"name", ..., "grad_var", ...,

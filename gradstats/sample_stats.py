@@ -8,14 +8,25 @@ positions, t_n, and sum_n t_n is the batch gradient exactly. Under BN the sample
 the batch mean and variance (every x_hat depends on the whole batch), so t_n is sample n's share of
 the gradient given the batch, not the gradient a batch of that sample alone would give.
 
-The estimators, per record of S samples with per-parameter mean m_j and unbiased variance
-s2_j = M2_j / (S - 1) of the terms (j runs over channels x {weight, bias}):
-    tr(Sigma)   = sum_j s2_j                      unbiased estimate of the trace of the per-sample
-                                                  covariance (McCandlish et al. 2018, appendix A)
-    |G|^2       = sum_j (m_j^2 - s2_j / S)        unbiased estimate of the squared norm of the
-                                                  expected term (the same appendix, B_small = 1)
-    B_simple    = tr(Sigma) / |G|^2               the simple noise scale
-    GSNR_j      = m_j^2 / s2_j                    gradient signal-to-noise ratio (Liu et al. 2020)
+The estimators. A record holds, per parameter j (channels x {weight, bias}), the moments of the
+terms over all its samples (S_tot of them, pooled M2_s) and of the per-batch means of the terms
+(K batches: mean m_b and M2_b of the K means). With S = S_tot / K samples per batch:
+    s2_j        = (M2_s - S * M2_b) / (S_tot - K)   the variance of the terms within a batch
+                                                  (pooled over the batches; exact for batches of
+                                                  one size)
+    mean_sq_j   = m_b^2 + M2_b / K                  the batches' squared mean, averaged
+    tr(Sigma)   = sum_j s2_j                        unbiased estimate of the trace of the
+                                                  per-sample covariance (McCandlish et al. 2018,
+                                                  appendix A)
+    |G|^2       = sum_j (mean_sq_j - s2_j / S)      unbiased estimate of the squared norm of the
+                                                  expected term (the same appendix with B_small =
+                                                  1, B_big = S: each batch's estimate, averaged)
+    B_simple    = tr(Sigma) / |G|^2                 the simple noise scale
+    GSNR_j      = mean_sq_j / s2_j                  gradient signal-to-noise ratio (Liu et al. 2020)
+For one batch (the "last" record) these are the textbook sample mean and variance. Over several
+batches, estimating per batch and averaging keeps the drift of the mean gradient between steps
+(the optimizer moves the weights) out of both the noise and the signal: pooling all samples into
+one mean would let gradients of opposite sign in successive steps cancel.
 Units: for a loss that is the mean over the batch of B samples, sample n's own gradient is
 g_n = B t_n, so tr(Sigma) and |G|^2 of the g_n are B^2 times those reported here; for a sum loss
 g_n = t_n. B_simple and GSNR are ratios, the same either way.
@@ -34,6 +45,8 @@ import torch
 from torch import Tensor
 
 from .stats import (
+    BATCH_MEAN_BIAS,
+    BATCH_MEAN_WEIGHT,
     GRAD_OUTPUT,
     ROW_COUNT,
     ROW_M2,
@@ -65,32 +78,37 @@ FIELDS = (
 )
 
 
-def _terms(slots: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """(count, mean, unbiased variance) [..., 2, C] of the weight and bias terms of [..., 4, rows,
-    C] slots; channels with fewer than two samples have count 0 and variance 0."""
+def _estimates(slots: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(samples per batch S, mean_sq, s2, defined) [..., 2, C] of the weight and bias terms of
+    [..., 6, rows, C] slots (see the module docstring); ``defined`` where s2 exists (more
+    samples than batches), the others are 0 there."""
     terms = slots[..., SAMPLE_GRAD_WEIGHT : SAMPLE_GRAD_BIAS + 1, :, :]
-    count, mean, m2 = (terms[..., r, :] for r in (ROW_COUNT, ROW_MEAN, ROW_M2))
-    enough = count > 1
-    count = torch.where(enough, count, 0.0)
-    var = torch.where(enough, m2 / torch.where(enough, count - 1, 1.0), 0.0)
-    return count, torch.where(enough, mean, 0.0), var
+    means = slots[..., BATCH_MEAN_WEIGHT : BATCH_MEAN_BIAS + 1, :, :]
+    total, m2 = terms[..., ROW_COUNT, :], terms[..., ROW_M2, :]
+    batches, batch_mean, batch_m2 = (means[..., r, :] for r in (ROW_COUNT, ROW_MEAN, ROW_M2))
+    defined = (batches > 0) & (total > batches)
+    safe_batches = torch.where(defined, batches, 1.0)
+    per_batch = torch.where(defined, total / safe_batches, 0.0)
+    within = (m2 - per_batch * batch_m2).clamp_min(0.0)
+    s2 = torch.where(defined, within / torch.where(defined, total - batches, 1.0), 0.0)
+    mean_sq = torch.where(defined, batch_mean * batch_mean + batch_m2 / safe_batches, 0.0)
+    return per_batch, mean_sq, s2, defined
 
 
 def parameter_gsnr(slots: Tensor) -> Tensor:
-    """[..., 2, C]: GSNR m^2 / s2 of the weight and bias terms per channel; NaN where fewer
-    than two samples or zero variance."""
-    count, mean, var = _terms(slots)
-    defined = (count > 1) & (var > 0)
-    return torch.where(defined, mean * mean / torch.where(defined, var, 1.0), math.nan)
+    """[..., 2, C]: GSNR mean_sq / s2 of the weight and bias terms per channel; NaN where not
+    defined (fewer samples than two per batch, or zero variance)."""
+    _, mean_sq, s2, defined = _estimates(slots)
+    defined = defined & (s2 > 0)
+    return torch.where(defined, mean_sq / torch.where(defined, s2, 1.0), math.nan)
 
 
 def noise_sums(slots: Tensor) -> tuple[Tensor, Tensor]:
-    """(tr(Sigma), |G|^2) [...] of [..., 4, rows, C] slots: sums over channels and both
+    """(tr(Sigma), |G|^2) [...] of [..., 6, rows, C] slots: sums over channels and both
     parameters, so that layers add up to the model's."""
-    count, mean, var = _terms(slots)
-    trace = var.sum((-2, -1))
-    norm = torch.where(count > 1, mean * mean - var / torch.where(count > 1, count, 1.0), 0.0).sum((-2, -1))
-    return trace, norm
+    per_batch, mean_sq, s2, defined = _estimates(slots)
+    norm = torch.where(defined, mean_sq - s2 / torch.where(defined, per_batch, 1.0), 0.0)
+    return s2.sum((-2, -1)), norm.sum((-2, -1))
 
 
 def dy_variance_parts(slots: Tensor) -> tuple[Tensor, Tensor]:
@@ -115,7 +133,7 @@ def dy_variance_parts(slots: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def layer_fields(slots: Tensor) -> Tensor:
-    """[..., len(FIELDS)] float64 of [..., 4, rows, C] per-sample slots, on their device, in a
+    """[..., len(FIELDS)] float64 of [..., 6, rows, C] per-sample slots, on their device, in a
     fixed number of operations."""
     slots = slots.double()
     trace, norm = noise_sums(slots)

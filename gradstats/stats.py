@@ -5,9 +5,12 @@ tensor ``grad_stats_state`` (an attribute, not a buffer: see gradstats.modules) 
 [3, G, 4, C]:
   slot      0 last backward, 1 accumulated since reset, 2 exponential moving average
   gradient  G = 2 for a batch-norm layer: 0 grad_output (dy), 1 grad_input (dx);
-            G = 4 for a batch-norm layer recording per-sample terms (per_sample=True): also
+            G = 6 for a batch-norm layer recording per-sample terms (per_sample=True): also
             2 grad_weight's and 3 grad_bias's per-sample terms, whose statistics run over
-            samples (count = samples) instead of over values;
+            samples (count = samples) instead of over values, and 4, 5 the same terms'
+            per-batch means, one value per backward (count = batches), from which the noise
+            estimators separate the noise within a batch from the drift between batches
+            (gradstats.sample_stats);
             G = 1 for a probe: the gradient flowing through it
   row       0 count of finite values, 1 their mean, 2 their M2 (sum of squared deviations
             from the mean), 3 count of NaN and infinite values
@@ -26,7 +29,9 @@ from torch import Tensor
 
 SLOT_LAST, SLOT_ACCUMULATED, SLOT_EMA = 0, 1, 2
 GRAD_OUTPUT, GRAD_INPUT = 0, 1
-SAMPLE_GRAD_WEIGHT, SAMPLE_GRAD_BIAS = 2, 3  # per-sample terms (G = 4)
+SAMPLE_GRAD_WEIGHT, SAMPLE_GRAD_BIAS = 2, 3  # per-sample terms (G = 6)
+BATCH_MEAN_WEIGHT, BATCH_MEAN_BIAS = 4, 5  # their per-batch means (G = 6)
+PER_SAMPLE_GRADIENTS = 6
 ROW_COUNT, ROW_MEAN, ROW_M2, ROW_NONFINITE = 0, 1, 2, 3
 ROWS = 4
 
@@ -126,7 +131,7 @@ class PerSampleStats:
 
     @classmethod
     def from_slot(cls, slot: Tensor) -> PerSampleStats | None:
-        """From one [4, 4, C] slot of a per-sample state; None when the layer records no
+        """From one [6, 4, C] slot of a per-sample state; None when the layer records no
         per-sample terms or none yet."""
         if slot.shape[0] <= SAMPLE_GRAD_BIAS:
             return None

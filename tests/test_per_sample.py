@@ -14,7 +14,7 @@ from torch import nn
 import gradstats
 import gradstats.models
 from gradstats import GradStatBatchNorm1d, GradStatBatchNorm2d, GradStatBatchNorm3d, convert_batchnorm
-from gradstats.stats import SAMPLE_GRAD_BIAS
+from gradstats.stats import PER_SAMPLE_GRADIENTS
 
 
 def _bn_step(bn, x, upstream):
@@ -124,7 +124,7 @@ def test_convert_and_record_per_sample_keep_the_dy_dx_records():
     assert model[1].grad_stats_state.shape[1] == 2 and model[1].last_per_sample_grads is None
     # state_dict keys are nn.BatchNorm2d's either way; the statistics round-trip.
     saved = gradstats.grad_stats_state_dict(model)
-    assert saved["3.grad_stats_state"].shape[1] == 4
+    assert saved["3.grad_stats_state"].shape[1] == PER_SAMPLE_GRADIENTS
 
 
 def _model(seed=0):
@@ -175,22 +175,25 @@ def test_noise_scale_gsnr_and_split_match_brute_force():
     total_trace = total_norm = 0.0
     for module_name, parts in terms.items():
         name = _layer_name(model, module_name)
-        both = torch.cat([parts["w"], parts["b"]], dim=1)  # [S, 2C]
-        s = both.shape[0]
-        var = both.var(0, unbiased=True)
+        both = torch.cat([parts["w"], parts["b"]], dim=1)  # [steps * batch, 2C]
+        batches = both.reshape(3, 6, -1)  # per backward: its batch of 6 samples
+        # McCandlish et al.'s estimators per batch, averaged over the batches: the noise within
+        # a batch, the squared batch mean less its noise.
+        var = batches.var(1, unbiased=True).mean(0)
+        mean_sq = (batches.mean(1) ** 2).mean(0)
         trace = var.sum().item()
-        norm = (both.mean(0) ** 2 - var / s).sum().item()
+        norm = (mean_sq - var / 6).sum().item()
         total_trace += trace
         total_norm += norm
         layer = report.layers[name]
-        assert layer.samples == s == 18
+        assert layer.samples == both.shape[0] == 18
         assert layer.trace_sigma == pytest.approx(trace, rel=1e-9)
         assert layer.grad_sq_norm == pytest.approx(norm, rel=1e-6, abs=1e-12 * trace)
         expected = trace / norm if norm > 0 else math.nan
         assert layer.b_simple == pytest.approx(expected, rel=1e-6, nan_ok=True)
-        # GSNR per channel: mean^2 / unbiased variance over samples.
+        # GSNR per channel: the batches' squared mean over the variance within batches.
         c = parts["w"].shape[1]
-        gsnr = both.mean(0) ** 2 / var
+        gsnr = mean_sq / var
         torch.testing.assert_close(g[name].weight, gsnr[:c], rtol=1e-8, atol=0)
         torch.testing.assert_close(g[name].bias, gsnr[c:], rtol=1e-8, atol=0)
         # Law of total variance over (sample, position).
@@ -280,5 +283,5 @@ def test_nonfinite_samples_are_counted_and_left_out():
     w, b = bn.last_per_sample_grads
     assert torch.isnan(b[1, 0]) and torch.isfinite(b[[0, 2, 3], 0]).all()
     state = bn.grad_stats_state
-    assert state.shape[1] == SAMPLE_GRAD_BIAS + 1
+    assert state.shape[1] == PER_SAMPLE_GRADIENTS
     assert gradstats.first_nonfinite(nn.Sequential(bn)).gradient == "grad_output"

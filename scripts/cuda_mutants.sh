@@ -4,7 +4,8 @@
 # emulator's self-checks) to fail on it:
 #   - each __syncthreads() of the kernels (csrc/cuda/*.cu) removed in turn,
 #   - each warp-shuffle reduction started at a wrong offset (kWarp / 4 for kWarp / 2),
-#   - a block's slice one value too long, and a thread's share of it one value too long.
+#   - a block's slice one value too long, and a thread's share of it one value too long,
+#   - the per-sample group sum started at half its offset (a sample's sum missing some threads).
 # Prints one line per mutant (caught / SURVIVED / did not build) and exits non-zero if any
 # survived. Usage, where scripts/cuda_emulator.sh works (e.g. after ./quickstart.sh test):
 #     scripts/cuda_mutants.sh [extra pytest args]
@@ -57,6 +58,7 @@ for ((i = 1; i <= n; i++)); do
 done
 mutants+=("$kernel|1|begin + a.slice < a.M ? begin + a.slice : a.M|begin + a.slice + 1 < a.M ? begin + a.slice + 1 : a.M|slice one value too long")
 mutants+=("$kernel|1|(end - first + TY - 1) / TY|(end - first + TY) / TY|a thread's share of the slice one value too long")
+mutants+=("$kernel|1|(W < kWarp ? W : kWarp) / 2|(W < kWarp ? W : kWarp) / 4|per-sample group sum starts at half its offset")
 
 survived=0
 for m in "${mutants[@]}"; do

@@ -26,6 +26,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
+#include <deque>
 #include <string>
 #include <tuple>
 #include <type_traits>
@@ -67,7 +68,9 @@ struct Launch {
   unsigned threads = 0, live = 0, arrived = 0;
   uint64_t epoch = 1;  // advances at every barrier and every block
   Fiber* current = nullptr;
-  std::vector<SharedSlot> shared;
+  // A deque: a kernel's later shared arrays must not move the slots of its earlier ones, which
+  // the SharedArray objects of the threads point to.
+  std::deque<SharedSlot> shared;
 };
 
 Launch& launch_state();

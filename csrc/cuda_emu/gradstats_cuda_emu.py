@@ -58,6 +58,14 @@ def num_sms(count: int):
         _installed_num_sms[0] = before
 
 
+def _bn_backward_stats_installed(
+    grad_output, input, weight, mean, invstd, training, grad_input_mask, per_sample=False
+):
+    return _bn_backward_stats(
+        grad_output, input, weight, mean, invstd, training, grad_input_mask, per_sample, _installed_num_sms[0]
+    )
+
+
 def install_as_cpu_kernels() -> None:
     """Registers the emulated CUDA kernels as the CPU kernels of torch.ops.gradstats (overriding
     the CPU build's, for this process)."""
@@ -72,7 +80,9 @@ def install_as_cpu_kernels() -> None:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*Overriding a previously registered kernel.*")
         warnings.filterwarnings("ignore", message=".*Warning only once for all operators.*")
-        lib.impl("bn_backward_stats", lambda *a: _bn_backward_stats(*a, _installed_num_sms[0]), "CPU")
+        # The dispatcher leaves out trailing arguments the caller left at their schema default
+        # (per_sample), so the kernel takes them with that default.
+        lib.impl("bn_backward_stats", _bn_backward_stats_installed, "CPU")
         lib.impl("channel_moments", lambda x: _channel_moments(x, _installed_num_sms[0]), "CPU")
         lib.impl("record_grad_stats_", _record_grad_stats_, "CPU")
     _library = lib

@@ -144,16 +144,35 @@ def plot_block_variance(records: list[dict[str, Any]], out: str) -> list[str]:
 
 
 def plot_noise_scale(records: list[dict[str, Any]], out: str) -> list[str]:
-    """``noise_scale.png`` in ``out``: the model's gradient noise scale over training and against
-    the training loss, from runs with --per-sample (none otherwise). Returns its path."""
+    """``noise_scale.png`` in ``out``: the gradient noise scale over training and against the
+    training loss, from runs with --per-sample (none otherwise): the model's, and each BN
+    layer's that is defined in at least half the records. Returns its path."""
     records = [r for r in records if "noise_scale" in r]
     if not records:
         return []
+    fig = noise_scale_curves(*noise_scale_series(records), "noise scale against training loss")
+    return [replace_in(out, "noise_scale.png", lambda f: fig.savefig(f, format="png", dpi=110), True)]
+
+
+def noise_scale_series(records: list[dict[str, Any]]):
+    """(steps, model B_simple, train loss, {layer: B_simple}) of --per-sample records, the
+    layers being those with a defined value in at least half of them."""
     steps = [r["step"] for r in records]
     noise = np.array([_number(r.get("noise_scale")) for r in records], dtype=float)
     loss = np.array([_number(r.get("train_loss")) for r in records], dtype=float)
-    fig = noise_scale_curves(steps, noise, loss, "noise scale against training loss")
-    return [replace_in(out, "noise_scale.png", lambda f: fig.savefig(f, format="png", dpi=110), True)]
+    names = [layer["name"] for layer in records[0].get("bn_layers", [])]
+    layers = {}
+    for i, name in enumerate(names):
+        values = np.array(
+            [
+                _number(r["bn_layers"][i].get("noise_scale")) if i < len(r["bn_layers"]) else math.nan
+                for r in records
+            ],
+            dtype=float,
+        )
+        if (np.isfinite(values) & (values > 0)).sum() * 2 >= len(records):
+            layers[name] = values
+    return steps, noise, loss, layers
 
 
 def _number(value) -> float:

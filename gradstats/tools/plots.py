@@ -67,29 +67,45 @@ def block_variance_curves(
     return fig
 
 
-def noise_scale_curves(steps: list[int], noise: np.ndarray, loss: np.ndarray, title: str) -> Any:
-    """A Figure of the gradient noise scale B_simple over training (log axis) beside the
-    training loss, and B_simple against the loss: whether the noise scale grows as the loss
-    falls (McCandlish et al. 2018, section 3). Points where B_simple is undefined (NaN: the
-    |G|^2 estimate was not positive) are left out; without any, the panels stay empty."""
+def noise_scale_curves(
+    steps: list[int], noise: np.ndarray, loss: np.ndarray, layers: dict[str, np.ndarray], title: str
+) -> Any:
+    """A Figure of the gradient noise scale B_simple over training (log axis) beside the training
+    loss, and B_simple against the loss: whether the noise scale grows as the loss falls
+    (McCandlish et al. 2018, section 3). ``noise`` is the model's (all BN parameters), ``layers``
+    single layers' (thin lines; layer names drawn as written, never as mathtext). Points where
+    B_simple is undefined (NaN: the |G|^2 estimate was not positive) are left out; a panel
+    without any stays empty."""
     fig = figure(11.0, 4.2)
     left, right = fig.subplots(1, 2)
-    defined = np.isfinite(noise) & (noise > 0)
-    left.plot(np.asarray(steps)[defined], noise[defined], "o-", ms=3, color="C0")
-    if defined.any():  # a log axis needs a positive value
+    steps_array = np.asarray(steps)
+    usable_loss = np.isfinite(loss) & (loss > 0)
+    drawn = False
+    series = [("model (all BN parameters)", noise, "o-", 2.0)] + [
+        (name, values, ".-", 1.0) for name, values in layers.items()
+    ]
+    for label, values, style, width in series:
+        defined = np.isfinite(values) & (values > 0)
+        if not defined.any():
+            continue
+        drawn = True
+        left.plot(steps_array[defined], values[defined], style, ms=3, lw=width, label=label)
+        both = defined & usable_loss
+        right.plot(loss[both], values[both], style, ms=3, lw=width, label=label)
+    if drawn:  # a log axis needs a positive value
         left.set_yscale("log")
-    left.set_xlabel("training step (end of logging interval)")
-    left.set_ylabel("B_simple = tr(Sigma) / |G|^2", color="C0")
-    twin = left.twinx()
-    twin.plot(steps, loss, "-", color="C1")
-    twin.set_ylabel("training loss (interval mean)", color="C1")
-    left.set_title("noise scale and loss over training", fontsize=10)
-    left.grid(True, which="both", alpha=0.3)
-    usable = defined & np.isfinite(loss) & (loss > 0)
-    right.plot(loss[usable], noise[usable], "o", ms=3)
-    if usable.any():
         right.set_xscale("log")
         right.set_yscale("log")
+        left.legend(fontsize=7)
+        for text in left.get_legend().get_texts():
+            text.set_parse_math(False)
+    left.set_xlabel("training step (end of logging interval)")
+    left.set_ylabel("B_simple = tr(Sigma) / |G|^2")
+    twin = left.twinx()
+    twin.plot(steps, loss, "-", color="0.6")
+    twin.set_ylabel("training loss (grey)")
+    left.set_title("noise scale and loss over training", fontsize=10)
+    left.grid(True, which="both", alpha=0.3)
     right.invert_xaxis()
     right.set_xlabel("training loss (falling to the right)")
     right.set_ylabel("B_simple")

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from .data import DataError
-from .logs import STATS_FILE
+from .logs import STATS_FILE, noise_scale_series
 from .plots import block_variance_curves, noise_scale_curves, variance_heatmap
 from .safe_files import replace_in
 
@@ -82,8 +82,7 @@ class Run:
     steps: list[float] = field(default_factory=list)
     train_loss: list[float] = field(default_factory=list)
     train_acc: list[float] = field(default_factory=list)
-    noise_scale: list[float] = field(default_factory=list)  # runs with --per-sample
-    per_sample: bool = False  # any record holds a noise scale
+    noise_records: list[dict[str, Any]] = field(default_factory=list)  # those of --per-sample runs
     series: dict[tuple[str, str], LayerSeries] = field(
         default_factory=lambda: {(group, key): LayerSeries(group, key) for group, key in _SERIES}
     )
@@ -95,8 +94,8 @@ class Run:
         self.steps.append(record["step"])
         self.train_loss.append(_number(record.get("train_loss")))
         self.train_acc.append(_number(record.get("train_acc")))
-        self.noise_scale.append(_number(record.get("noise_scale")))
-        self.per_sample = self.per_sample or "noise_scale" in record
+        if "noise_scale" in record:
+            self.noise_records.append(record)
         for series in self.series.values():
             series.add(record)
         self.last_record = record
@@ -272,10 +271,10 @@ def _training_curves(run: Run) -> str | None:
 
 
 def _noise_scale(run: Run) -> str | None:
-    noise, loss = np.array(run.noise_scale, dtype=float), np.array(run.train_loss, dtype=float)
-    if not (np.isfinite(noise) & (noise > 0)).any():
+    steps, noise, loss, layers = noise_scale_series(run.noise_records)
+    if not any((np.isfinite(v) & (v > 0)).any() for v in [noise, *layers.values()]):
         return None
-    return _png(noise_scale_curves(run.steps, noise, loss, "noise scale against training loss"))
+    return _png(noise_scale_curves(steps, noise, loss, layers, "noise scale against training loss"))
 
 
 # -- HTML -----------------------------------------------------------------------------------------
@@ -413,7 +412,7 @@ def render_html(run: Run) -> str:
             ),
             _figure(_training_curves(run), "training curves", "no loss or accuracy recorded"),
         ]
-        if run.per_sample:
+        if run.noise_records:
             figures.append(
                 _figure(
                     _noise_scale(run),

@@ -18,6 +18,17 @@
 // Rows are split into parts whose boundaries depend only on the shape; each (part, channel) is
 // computed the same way whichever thread runs it, and parts are merged in order, so results are
 // bitwise identical run to run and for any number of threads.
+//
+// Per-sample sums (p.per_sample, template flag kPerSample; the passes that read dy for the
+// gradients only): sum dy and sum dy*(x - mean) of each (sample, channel), formed by the same
+// loop that forms the chunk sums, in accumulators of their own, so the other outputs sum the same
+// terms in the same order as without them; they may still differ in the last bits, because the
+// compiler contracts `sum += a * b` into a fused multiply-add or not depending on the code
+// around it (GCC leaves some accumulation chains of single values unfused, and which ones
+// depends on what else the loop holds). A row segment (the values of one sample met
+// in one uninterrupted run of the loop) accumulates in acc_t lanes; segments add up in double,
+// samples split between parts are merged in part order, and each value is rounded to acc_t once
+// when written (the weight term times invstd in double, as grad_weight).
 
 #include <algorithm>
 #include <cmath>
@@ -148,9 +159,35 @@ struct Coeffs {
   explicit Coeffs(int64_t C) : mean(C), scale(C), mean_dy(C), k(C) {}
 };
 
+// A segment's per-sample sums: sum dy and sum dy * (x - mean) of one sample's values.
+template <typename V>
+struct SampleSums {
+  V dy, dy_xmu;
+};
+
+template <bool kOn, typename V>
+GS_VEC_INLINE void accumulate_sample(V dy, V x, V mean, SampleSums<V>& s) {
+  if constexpr (kOn) {
+    s.dy += dy;
+    s.dy_xmu += dy * (x - mean);
+  }
+}
+
+// Writes the per-sample sums of sample n, channel c (totals in double): rounded once.
+template <typename acc_t>
+inline void store_sample(const BnBackwardProblem& p, int64_t n, int64_t c, double sum_dy, double sum_dy_xmu) {
+  acc_t* out = static_cast<acc_t*>(p.per_sample);
+  const double invstd = static_cast<const acc_t*>(p.invstd)[c];
+  out[n * p.C + c] = static_cast<acc_t>(sum_dy);
+  out[(p.N + n) * p.C + c] = static_cast<acc_t>(sum_dy_xmu * invstd);
+}
+
 // ---------------------------------------------------------------------------------------------
-// NCHW: a task is (channel c, a range of rows n); each row is H*W contiguous values.
-template <Pass P, bool kWrite, typename scalar_t>
+// NCHW: a task is (channel c, a range of rows n); each row is H*W contiguous values. A row
+// (sample n of channel c) is never split between tasks, so its per-sample sums are complete when
+// the task reaches its end; a chunk may end or start inside it, so the row's sums are
+// accumulators of their own, added up in double over the row's segments.
+template <Pass P, bool kWrite, bool kPerSample, typename scalar_t>
 void nchw_task(const BnBackwardProblem& p, const Coeffs<acc_type_t<scalar_t>>& cf, int64_t c, int64_t n_begin,
                int64_t n_end, Partial& out) {
   // Only the passes that compute dx write it.
@@ -167,6 +204,8 @@ void nchw_task(const BnBackwardProblem& p, const Coeffs<acc_type_t<scalar_t>>& c
   const acc_t mean = cf.mean[c], scale = cf.scale[c], mean_dy = cf.mean_dy[c], k = cf.k[c];
   const vec mean_v = vec{} + mean, scale_v = vec{} + scale, mean_dy_v = vec{} + mean_dy, k_v = vec{} + k;
   const bool stream = kStore && stream_output<scalar_t>(p);
+  // kPerSample: the current row's sums over the segments so far.
+  [[maybe_unused]] double row_dy = 0, row_dy_xmu = 0;
 
   // One iteration of the outer loop is one chunk: its sums are locals of the loop body, so they
   // stay in registers across the rows of the chunk.
@@ -193,6 +232,8 @@ void nchw_task(const BnBackwardProblem& p, const Coeffs<acc_type_t<scalar_t>>& c
       const scalar_t* __restrict__ dy_r = dy + at;
       const scalar_t* __restrict__ x_r = x + at;
       scalar_t* __restrict__ dx_r = kStore ? dx + at : nullptr;
+      [[maybe_unused]] SampleSums<vec> row_lanes{};  // kPerSample: the segment's sums
+      [[maybe_unused]] SampleSums<acc_t> row_tail{};
       int64_t i = 0;
       if (stream) {
         // Streaming stores need aligned vectors: the segment's first values up to the next
@@ -204,15 +245,17 @@ void nchw_task(const BnBackwardProblem& p, const Coeffs<acc_type_t<scalar_t>>& c
                 ? 0
                 : std::min(len, (kAlign - misalign) / static_cast<int64_t>(sizeof(scalar_t)));
         for (; i < head; ++i) {
-          const acc_t v = update<P, scalar_t>(IO::load1(dy_r + i), IO::load1(x_r + i), mean, scale, mean_dy,
-                                              k, p_dy, p_dx, tail);
+          const acc_t dy_i = IO::load1(dy_r + i), x_i = IO::load1(x_r + i);
+          const acc_t v = update<P, scalar_t>(dy_i, x_i, mean, scale, mean_dy, k, p_dy, p_dx, tail);
+          accumulate_sample<kPerSample>(dy_i, x_i, mean, row_tail);
           IO::store1(dx_r + i, v);
         }
       }
       const bool stream_here = stream && stream_aligned<scalar_t, L>(dx_r + i);
       for (; i + L <= len; i += L) {
-        const vec v = update<P, scalar_t>(IO::load(dy_r + i), IO::load(x_r + i), mean_v, scale_v, mean_dy_v,
-                                          k_v, p_dy_v, p_dx_v, lanes);
+        const vec dy_i = IO::load(dy_r + i), x_i = IO::load(x_r + i);
+        const vec v = update<P, scalar_t>(dy_i, x_i, mean_v, scale_v, mean_dy_v, k_v, p_dy_v, p_dx_v, lanes);
+        accumulate_sample<kPerSample>(dy_i, x_i, mean_v, row_lanes);
         if constexpr (kStore) {
           if (stream_here) {
             IO::store_stream(dx_r + i, v);
@@ -222,9 +265,18 @@ void nchw_task(const BnBackwardProblem& p, const Coeffs<acc_type_t<scalar_t>>& c
         }
       }
       for (; i < len; ++i) {
-        const acc_t v = update<P, scalar_t>(IO::load1(dy_r + i), IO::load1(x_r + i), mean, scale, mean_dy, k,
-                                            p_dy, p_dx, tail);
+        const acc_t dy_i = IO::load1(dy_r + i), x_i = IO::load1(x_r + i);
+        const acc_t v = update<P, scalar_t>(dy_i, x_i, mean, scale, mean_dy, k, p_dy, p_dx, tail);
+        accumulate_sample<kPerSample>(dy_i, x_i, mean, row_tail);
         if constexpr (kStore) IO::store1(dx_r + i, v);
+      }
+      if constexpr (kPerSample) {
+        row_dy += lane_total<vec, L>(row_lanes.dy) + static_cast<double>(row_tail.dy);
+        row_dy_xmu += lane_total<vec, L>(row_lanes.dy_xmu) + static_cast<double>(row_tail.dy_xmu);
+        if (i0 + len == HW) {
+          store_sample<acc_t>(p, n, c, row_dy, row_dy_xmu);
+          row_dy = row_dy_xmu = 0;
+        }
       }
       filled += len;
       i0 += len;
@@ -262,12 +314,84 @@ void nchw_task(const BnBackwardProblem& p, const Coeffs<acc_type_t<scalar_t>>& c
 }
 
 // ---------------------------------------------------------------------------------------------
+// channels_last per-sample sums of one task (rows r_begin .. r_end - 1, channels c_begin + j for
+// j < width). Sample n is rows n*HW .. (n+1)*HW - 1, and parts are cut by row count: a sample may
+// start before the task's first row or end after its last. Its segments in this task add up in
+// double (`open`, per channel); when its last one here is added, a sample wholly inside the
+// part is written, and one that is not goes to the part's staging slots (slot 0: the sample of
+// the part's first row, slot 1: that of its last row), which merge_staged_samples adds up in
+// part order after the pass. Each channel's state is touched by the one strip that owns it.
+template <typename acc_t>
+class SampleSink {
+ public:
+  // stage: this part's slots, [2 slots][2 sums][C].
+  SampleSink(const BnBackwardProblem& p, int64_t r_begin, int64_t r_end, int64_t c_begin, int64_t width,
+             double* stage)
+      : p_(p),
+        r_begin_(r_begin),
+        r_end_(r_end),
+        c_begin_(c_begin),
+        width_(width),
+        stage_(stage),
+        open_(2 * width) {}
+
+  // Adds the sums of rows seg_begin .. seg_end - 1 (all of sample n) for the channels
+  // c_begin + j0 + i, i < count: dy[i] and dy_xmu[i].
+  void add(int64_t n, int64_t seg_begin, int64_t seg_end, int64_t j0, int64_t count, const acc_t* dy,
+           const acc_t* dy_xmu) {
+    const int64_t s0 = n * p_.HW, s1 = s0 + p_.HW;
+    const bool first = seg_begin == std::max(s0, r_begin_);  // the sample's first segment here
+    const bool last = seg_end == std::min(s1, r_end_);       // and its last one
+    double* open_dy = open_.data() + j0;
+    double* open_dy_xmu = open_dy + width_;
+    if (!last) {
+      for (int64_t i = 0; i < count; ++i) {
+        open_dy[i] = first ? static_cast<double>(dy[i]) : open_dy[i] + static_cast<double>(dy[i]);
+        open_dy_xmu[i] =
+            first ? static_cast<double>(dy_xmu[i]) : open_dy_xmu[i] + static_cast<double>(dy_xmu[i]);
+      }
+      return;
+    }
+    const int64_t c0 = c_begin_ + j0;
+    if (s0 >= r_begin_ && s1 <= r_end_) {
+      for (int64_t i = 0; i < count; ++i) {
+        const double sum_dy = first ? static_cast<double>(dy[i]) : open_dy[i] + static_cast<double>(dy[i]);
+        const double sum_dy_xmu =
+            first ? static_cast<double>(dy_xmu[i]) : open_dy_xmu[i] + static_cast<double>(dy_xmu[i]);
+        store_sample<acc_t>(p_, n, c0 + i, sum_dy, sum_dy_xmu);
+      }
+      return;
+    }
+    const int64_t slot = n == r_begin_ / p_.HW ? 0 : 1;
+    double* stage_dy = stage_ + 2 * slot * p_.C + c0;
+    double* stage_dy_xmu = stage_dy + p_.C;
+    for (int64_t i = 0; i < count; ++i) {
+      stage_dy[i] = first ? static_cast<double>(dy[i]) : open_dy[i] + static_cast<double>(dy[i]);
+      stage_dy_xmu[i] =
+          first ? static_cast<double>(dy_xmu[i]) : open_dy_xmu[i] + static_cast<double>(dy_xmu[i]);
+    }
+  }
+
+ private:
+  const BnBackwardProblem& p_;
+  int64_t r_begin_, r_end_, c_begin_, width_;
+  double* stage_;
+  std::vector<double> open_;  // [2][width]
+};
+
+// The sink of a pass without per-sample sums: nothing.
+struct NoSampleSink {
+  template <typename... Args>
+  explicit NoSampleSink(Args&&...) {}
+};
+
+// ---------------------------------------------------------------------------------------------
 // channels_last: a task is (a range of rows r of the [N*H*W][C] matrix, a block of channels);
 // lanes run along the channels of a row, so each lane belongs to one channel and the sums live
 // in per-channel arrays (touched once per row, so they stay in L1 without a dependency chain).
-template <Pass P, bool kWrite, typename scalar_t>
+template <Pass P, bool kWrite, bool kPerSample, typename scalar_t>
 void nhwc_task(const BnBackwardProblem& p, const Coeffs<acc_type_t<scalar_t>>& cf, int64_t r_begin,
-               int64_t r_end, int64_t c_begin, int64_t c_end, Partial* out /* [C] */) {
+               int64_t r_end, int64_t c_begin, int64_t c_end, Partial* out /* [C] */, double* stage) {
   // Only the passes that compute dx write it.
   constexpr bool kStore = kWrite && (P == Pass::kGradInputTrain || P == Pass::kEvalFused);
   using IO = Io<scalar_t>;
@@ -293,6 +417,8 @@ void nhwc_task(const BnBackwardProblem& p, const Coeffs<acc_type_t<scalar_t>>& c
   acc_t* p_dy = buf.data() + kNumSums * width;
   acc_t* p_dx = p_dy + width;
   std::vector<PivotSamples> samples(2 * width);  // dy's, then dx's
+  [[maybe_unused]] std::conditional_t<kPerSample, SampleSink<acc_t>, NoSampleSink> sink(
+      p, r_begin, r_end, c_begin, width, stage);
 
   for (int64_t r0 = r_begin, r1 = r_begin; r0 < r_end; r0 = r1) {
     r1 = std::min(r_end, r0 + kRowsPerChunk);
@@ -346,6 +472,7 @@ void nhwc_task(const BnBackwardProblem& p, const Coeffs<acc_type_t<scalar_t>>& c
       // not follow from DRAM: each strip asks for its own columns of the row one block ahead,
       // a few lines per row processed, spread out rather than in one burst per row.
       const int64_t ahead_rows = kPrefetchBlocks * block_rows;
+      [[maybe_unused]] SampleSums<vec> ps[K] = {};  // kPerSample: the block's, one sample's
       for (int64_t r = rb0; r < rb1; ++r) {
         if (r + ahead_rows < prefetch_end) {
           const int64_t ahead = (r + ahead_rows) * C + j0;
@@ -358,8 +485,10 @@ void nhwc_task(const BnBackwardProblem& p, const Coeffs<acc_type_t<scalar_t>>& c
         }
         for (int b = 0; b < K; ++b) {
           const int64_t off = r * C + j0 + b * L;
-          const vec v = update<P, scalar_t>(IO::load(dy + off), IO::load(x + off), mean_v[b], scale_v[b],
-                                            mean_dy_v[b], k_v[b], p_dy_v[b], p_dx_v[b], s[b]);
+          const vec dy_r = IO::load(dy + off), x_r = IO::load(x + off);
+          const vec v = update<P, scalar_t>(dy_r, x_r, mean_v[b], scale_v[b], mean_dy_v[b], k_v[b], p_dy_v[b],
+                                            p_dx_v[b], s[b]);
+          if constexpr (kPerSample) accumulate_sample<true>(dy_r, x_r, mean_v[b], ps[b]);
           if constexpr (kStore) {
             if (stream_here) {
               IO::store_stream(dx + off, v);
@@ -369,6 +498,14 @@ void nhwc_task(const BnBackwardProblem& p, const Coeffs<acc_type_t<scalar_t>>& c
           }
         }
       }
+      if constexpr (kPerSample) {
+        acc_t seg_dy[K * L], seg_dy_xmu[K * L];
+        for (int b = 0; b < K; ++b) {
+          AccIO::store(seg_dy + b * L, ps[b].dy);
+          AccIO::store(seg_dy_xmu + b * L, ps[b].dy_xmu);
+        }
+        sink.add(rb0 / p.HW, rb0, rb1, j0, K * L, seg_dy, seg_dy_xmu);
+      }
       for (int b = 0; b < K; ++b) {
         for (int q = 0; q < kNumSums; ++q) {
           if (pass_uses(P, q)) AccIO::store(sums[q] + j0 + b * L, s[b].v[q]);
@@ -377,8 +514,7 @@ void nhwc_task(const BnBackwardProblem& p, const Coeffs<acc_type_t<scalar_t>>& c
     };
     // Eval keeps six sums per vector: two vectors per strip stay within the registers.
     constexpr int kStrip = P == Pass::kEvalFused ? 2 : 4;
-    for (int64_t rb0 = r0; rb0 < r1; rb0 += block_rows) {
-      const int64_t rb1 = std::min(r1, rb0 + block_rows);
+    auto row_block = [&](int64_t rb0, int64_t rb1) {
       int64_t j = 0;
       for (; j + kStrip * L <= width; j += kStrip * L) {
         strip(std::integral_constant<int, kStrip>{}, j, rb0, rb1);
@@ -389,13 +525,27 @@ void nhwc_task(const BnBackwardProblem& p, const Coeffs<acc_type_t<scalar_t>>& c
         if (rb0 != r0) {
           for (int q = 0; q < kNumSums; ++q) s.v[q] = sums[q][j];
         }
+        [[maybe_unused]] SampleSums<acc_t> ps{};
         for (int64_t r = rb0; r < rb1; ++r) {
           const int64_t off = r * C + j;
-          const acc_t v = update<P, scalar_t>(IO::load1(dy + off), IO::load1(x + off), mean[j], scale[j],
-                                              mean_dy[j], k[j], p_dy[j], p_dx[j], s);
+          const acc_t dy_r = IO::load1(dy + off), x_r = IO::load1(x + off);
+          const acc_t v =
+              update<P, scalar_t>(dy_r, x_r, mean[j], scale[j], mean_dy[j], k[j], p_dy[j], p_dx[j], s);
+          accumulate_sample<kPerSample>(dy_r, x_r, mean[j], ps);
           if constexpr (kStore) IO::store1(dx + off, v);
         }
+        if constexpr (kPerSample) sink.add(rb0 / p.HW, rb0, rb1, j, 1, &ps.dy, &ps.dy_xmu);
         for (int q = 0; q < kNumSums; ++q) sums[q][j] = s.v[q];
+      }
+    };
+    if constexpr (!kPerSample) {
+      for (int64_t rb0 = r0; rb0 < r1; rb0 += block_rows) row_block(rb0, std::min(r1, rb0 + block_rows));
+    } else {
+      // Row blocks end at sample boundaries too, so that a block's per-sample sums are one
+      // sample's (the chunk sums carry over between blocks exactly, in acc_t).
+      for (int64_t rb0 = r0, rb1; rb0 < r1; rb0 = rb1) {
+        rb1 = std::min({r1, rb0 + block_rows, (rb0 / p.HW + 1) * p.HW});
+        row_block(rb0, rb1);
       }
     }
     for (int64_t j = 0; j < width; ++j) {
@@ -443,30 +593,67 @@ inline Tasks make_tasks(const BnBackwardProblem& p) {
   return t;
 }
 
-// Pass P over the rows of `part` for one channel block (a channel, for NCHW).
-template <Pass P, bool kWrite, typename scalar_t>
+// Pass P over the rows of `part` for one channel block (a channel, for NCHW). kPerSample: the
+// pass also forms the per-sample sums; stage holds the channels_last staging slots,
+// [parts][2][2][C] (see SampleSink).
+template <Pass P, bool kWrite, bool kPerSample, typename scalar_t>
 void run_unit(const BnBackwardProblem& p, const Tasks& t, const Coeffs<acc_type_t<scalar_t>>& cf,
-              int64_t part, int64_t block, std::vector<Partial>& partials /* [parts][C] */) {
+              int64_t part, int64_t block, std::vector<Partial>& partials /* [parts][C] */, double* stage) {
   const int64_t r0 = part * t.rows_per_part;
   const int64_t r1 = std::min(t.rows, r0 + t.rows_per_part);
   Partial* out = partials.data() + part * p.C;
   if (p.channels_last) {
     const int64_t c0 = block * kChannelBlock;
-    nhwc_task<P, kWrite, scalar_t>(p, cf, r0, r1, c0, std::min(p.C, c0 + kChannelBlock), out);
+    double* part_stage = kPerSample ? stage + part * 4 * p.C : nullptr;
+    nhwc_task<P, kWrite, kPerSample, scalar_t>(p, cf, r0, r1, c0, std::min(p.C, c0 + kChannelBlock), out,
+                                               part_stage);
   } else {
-    nchw_task<P, kWrite, scalar_t>(p, cf, block, r0, r1, out[block]);
+    nchw_task<P, kWrite, kPerSample, scalar_t>(p, cf, block, r0, r1, out[block]);
   }
 }
 
 // Pass P over every (part, block) unit, in parallel.
-template <Pass P, bool kWrite, typename scalar_t>
+template <Pass P, bool kWrite, bool kPerSample, typename scalar_t>
 void run_pass(const BnBackwardProblem& p, const Tasks& t, const Coeffs<acc_type_t<scalar_t>>& cf,
-              std::vector<Partial>& partials, ParallelFor parallel_for) {
+              std::vector<Partial>& partials, double* stage, ParallelFor parallel_for) {
   parallel_for(t.count(), 1, [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
-      run_unit<P, kWrite, scalar_t>(p, t, cf, task / t.channel_blocks, task % t.channel_blocks, partials);
+      run_unit<P, kWrite, kPerSample, scalar_t>(p, t, cf, task / t.channel_blocks, task % t.channel_blocks,
+                                                partials, stage);
     }
   });
+}
+
+// channels_last, after the pass that formed the per-sample sums: the samples split between parts
+// (see SampleSink), each the sum of its parts' slots in part order, written once. A split
+// sample's parts are consecutive, so one running total suffices.
+template <typename acc_t>
+void merge_staged_samples(const BnBackwardProblem& p, const Tasks& t, const std::vector<double>& stage) {
+  const int64_t C = p.C, HW = p.HW;
+  std::vector<double> total(2 * C);
+  int64_t current = -1;  // the sample `total` holds
+  auto write = [&] {
+    for (int64_t c = 0; c < C; ++c) store_sample<acc_t>(p, current, c, total[c], total[C + c]);
+  };
+  for (int64_t part = 0; part < t.parts; ++part) {
+    const int64_t r0 = part * t.rows_per_part;
+    const int64_t r1 = std::min(t.rows, r0 + t.rows_per_part);
+    const int64_t firsts[2] = {r0 / HW, (r1 - 1) / HW};  // the samples of slots 0 and 1
+    for (int slot = 0; slot < 2; ++slot) {
+      const int64_t n = firsts[slot];
+      const bool split = n * HW < r0 || (n + 1) * HW > r1;
+      if (!split || (slot == 1 && n == firsts[0])) continue;
+      const double* staged = stage.data() + (part * 4 + 2 * slot) * C;
+      if (n != current) {
+        if (current >= 0) write();
+        current = n;
+        std::copy(staged, staged + 2 * C, total.begin());
+      } else {
+        for (int64_t i = 0; i < 2 * C; ++i) total[i] += staged[i];
+      }
+    }
+  }
+  if (current >= 0) write();
 }
 
 // Merges the partials of channel c over all parts, in part order.
@@ -482,7 +669,9 @@ inline Partial merge_channel(const std::vector<Partial>& partials, int64_t parts
 // do not depend on which schedule ran.
 constexpr int64_t kChannelTasksPerThread = 4;
 
-template <bool kWrite, typename scalar_t>
+// kPerSample: p.per_sample is wanted (never with moments_only); the pass that reads dy for the
+// gradients forms it.
+template <bool kWrite, bool kPerSample, typename scalar_t>
 void bn_backward_stats_typed(const BnBackwardProblem& p, ParallelFor parallel_for, int num_threads) {
   using acc_t = acc_type_t<scalar_t>;
   const int64_t C = p.C;
@@ -490,8 +679,10 @@ void bn_backward_stats_typed(const BnBackwardProblem& p, ParallelFor parallel_fo
   const Tasks t = make_tasks(p);
   std::vector<Partial> partials(t.parts * C);  // pass 1 fills .dy and sums, pass 2 .dx
   Coeffs<acc_t> cf(C);
+  // channels_last per-sample staging slots, [parts][2][2][C] (see SampleSink).
+  std::vector<double> stage(kPerSample && p.channels_last ? t.parts * 4 * C : 0);
   if (p.moments_only) {
-    run_pass<Pass::kMoments, false, scalar_t>(p, t, cf, partials, parallel_for);
+    run_pass<Pass::kMoments, false, false, scalar_t>(p, t, cf, partials, nullptr, parallel_for);
     for (int64_t c = 0; c < C; ++c) finish_grad_output<acc_t>(p, merge_channel(partials, t.parts, C, c), c);
     return;
   }
@@ -515,7 +706,7 @@ void bn_backward_stats_typed(const BnBackwardProblem& p, ParallelFor parallel_fo
 
   if (!p.train) {
     // Eval: dx = w * invstd * dy needs no reduction, so one pass does everything.
-    run_pass<Pass::kEvalFused, kWrite, scalar_t>(p, t, cf, partials, parallel_for);
+    run_pass<Pass::kEvalFused, kWrite, kPerSample, scalar_t>(p, t, cf, partials, stage.data(), parallel_for);
     for (int64_t c = 0; c < C; ++c) {
       const Partial total = merged(c);
       finish_reduction(total, c);
@@ -525,29 +716,39 @@ void bn_backward_stats_typed(const BnBackwardProblem& p, ParallelFor parallel_fo
     parallel_for(C, 1, [&](int64_t begin, int64_t end) {
       for (int64_t c = begin; c < end; ++c) {
         for (int64_t part = 0; part < t.parts; ++part) {
-          run_unit<Pass::kReduceGradOutput, kWrite, scalar_t>(p, t, cf, part, c, partials);
+          run_unit<Pass::kReduceGradOutput, kWrite, kPerSample, scalar_t>(p, t, cf, part, c, partials,
+                                                                          nullptr);
         }
         finish_reduction(merged(c), c);
         for (int64_t part = 0; part < t.parts; ++part) {
-          run_unit<Pass::kGradInputTrain, kWrite, scalar_t>(p, t, cf, part, c, partials);
+          run_unit<Pass::kGradInputTrain, kWrite, false, scalar_t>(p, t, cf, part, c, partials, nullptr);
         }
         finish_dx(merged(c), c);
       }
     });
   } else {
-    run_pass<Pass::kReduceGradOutput, kWrite, scalar_t>(p, t, cf, partials, parallel_for);
+    run_pass<Pass::kReduceGradOutput, kWrite, kPerSample, scalar_t>(p, t, cf, partials, stage.data(),
+                                                                    parallel_for);
     for (int64_t c = 0; c < C; ++c) finish_reduction(merged(c), c);
-    run_pass<Pass::kGradInputTrain, kWrite, scalar_t>(p, t, cf, partials, parallel_for);
+    run_pass<Pass::kGradInputTrain, kWrite, false, scalar_t>(p, t, cf, partials, nullptr, parallel_for);
     for (int64_t c = 0; c < C; ++c) finish_dx(merged(c), c);
+  }
+  if constexpr (kPerSample) {
+    if (p.channels_last) merge_staged_samples<acc_t>(p, t, stage);
   }
 }
 
+// The two flags that shape the inner loops, as template arguments: a call without them runs code
+// with no trace of them.
 template <typename scalar_t>
 void dispatch_write(const BnBackwardProblem& p, ParallelFor parallel_for, int num_threads) {
+  const bool per_sample = p.per_sample != nullptr && !p.moments_only;
   if (p.grad_input != nullptr) {
-    bn_backward_stats_typed<true, scalar_t>(p, parallel_for, num_threads);
+    if (per_sample) return bn_backward_stats_typed<true, true, scalar_t>(p, parallel_for, num_threads);
+    bn_backward_stats_typed<true, false, scalar_t>(p, parallel_for, num_threads);
   } else {
-    bn_backward_stats_typed<false, scalar_t>(p, parallel_for, num_threads);
+    if (per_sample) return bn_backward_stats_typed<false, true, scalar_t>(p, parallel_for, num_threads);
+    bn_backward_stats_typed<false, false, scalar_t>(p, parallel_for, num_threads);
   }
 }
 

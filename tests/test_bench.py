@@ -1,6 +1,8 @@
 """`gradstats bench`: the rows, the summary and the JSON it writes are consistent with each other
-and with the byte count, bad options get a clear error, and --e2e compares equal work (its hooks
-variant computes the statistics gradstats records). Timings themselves are never asserted."""
+and with the byte count, bad options get a clear error, --e2e compares equal work (its hooks
+variant computes the statistics gradstats records) and reports every variant's times, page
+faults and per-round overheads, and the allocator is the default one unless --steady-allocator
+asks otherwise, as the output says. Timings themselves are never asserted."""
 
 from __future__ import annotations
 
@@ -15,7 +17,9 @@ from conftest import cli_error
 
 from gradstats import batchnorms
 from gradstats.tools.bench.op import HEADER, PRESETS, bench_shape
-from gradstats.tools.bench.step import _variants
+from gradstats.tools.bench import cli as bench_cli
+from gradstats.tools.bench import step as bench_step
+from gradstats.tools.bench.step import BASELINE, VARIANTS, _variants, summarize
 from gradstats.tools.cli import main as cli_main
 
 
@@ -77,6 +81,8 @@ def test_bench_rows_summary_and_json(tmp_path, capsys):
         in "\n".join(out)
     )
     assert payload["repeats"] == 2 and payload["machine"]
+    assert payload["allocator"] == "default"
+    assert any(line.startswith("allocator: default") for line in out)
 
 
 @pytest.mark.parametrize(
@@ -119,6 +125,8 @@ def test_e2e_variants_do_equal_work(one_thread):
         loss = F.cross_entropy(model(x), y)
         loss.backward()
         outputs[name] = loss.item()
+    assert list(outputs) == [v.name for v in VARIANTS] and VARIANTS[0].name == BASELINE
+    assert outputs["convert"] == pytest.approx(outputs["plain"], rel=1e-5)
     assert outputs["gradstats"] == pytest.approx(outputs["plain"], rel=1e-5)
     assert outputs["hooks"] == pytest.approx(outputs["plain"], rel=1e-5)
     hooked = models["hooks"][2]
@@ -133,3 +141,65 @@ def test_e2e_variants_do_equal_work(one_thread):
     )
     assert hooks_total == pytest.approx(ours_total, rel=1e-4)
     assert hooks_total > 0
+
+
+def test_e2e_overheads_are_per_round_ratios():
+    names = ["plain", "other"]
+    times = [[10.0, 20.0, 10.0, 10.0, 10.0], [11.0, 20.0, 12.0, 10.5, 9.0]]
+    faults = [[0, 0, 0, 0, 0], [5, 7, 5, 5, 9]]
+    results = summarize(names, times, faults)
+    assert "overhead_pct" not in results["plain"]
+    other = results["other"]
+    # per round: +10%, 0%, +20%, +5%, -10% (the medians, 11 and 10 ms, would say +10%)
+    assert other["overhead_pct"] == pytest.approx(5.0)
+    assert other["overhead_range_pct"] == pytest.approx([-10.0, 20.0])
+    q1, q3 = other["overhead_iqr_pct"]
+    assert -10.0 <= q1 <= 5.0 <= q3 <= 20.0
+    assert other["step_ms"] == 11.0 and other["minor_faults_per_step"] == 5
+    assert results["plain"]["minor_faults"] == [0] * 5
+
+
+@pytest.fixture
+def small_e2e(monkeypatch, one_thread):
+    """--e2e on a ResNet-8 at batch 4: the same code, seconds instead of minutes."""
+    monkeypatch.setattr(bench_step, "DEPTH", 8)
+    monkeypatch.setattr(bench_step, "BATCH", 4)
+
+
+@pytest.mark.parametrize("steady", [False, True])
+def test_e2e_reports_every_variant_and_the_allocator(steady, small_e2e, tmp_path, capsys, monkeypatch):
+    calls = []
+
+    def fake_steady_allocator():
+        calls.append(1)
+        return True
+
+    monkeypatch.setattr(bench_cli, "steady_allocator", fake_steady_allocator)
+    path = tmp_path / "e2e.json"
+    argv = ["bench", "--e2e", "--steps", "4", "--json", str(path)] + (
+        ["--steady-allocator"] if steady else []
+    )
+    assert cli_main(argv) == 0
+    assert calls == ([1] if steady else [])  # the allocator is left alone unless asked
+    out = capsys.readouterr().out
+    assert f"allocator: {'steady' if steady else 'default'}" in out
+    payload = json.loads(path.read_text())
+    assert payload["allocator"] == ("steady" if steady else "default")
+    assert payload["steps"] == 4 and payload["baseline"] == BASELINE
+    results = payload["results"]
+    assert list(results) == [v.name for v in VARIANTS]
+    lines = out.splitlines()
+    for name, r in results.items():
+        assert len(r["steps_ms"]) == len(r["minor_faults"]) == 4
+        assert r["step_ms"] == pytest.approx(statistics.median(r["steps_ms"]))
+        assert r["minor_faults_per_step"] == statistics.median(r["minor_faults"])
+        assert all(f >= 0 for f in r["minor_faults"])
+        (line,) = [line for line in lines if line.split()[:1] == [name]]
+        assert float(line.split()[1]) == pytest.approx(r["step_ms"], abs=0.06)
+        if name == BASELINE:
+            assert "overhead_pct" not in r
+            continue
+        ratios = [100 * (a / b - 1) for a, b in zip(r["steps_ms"], results[BASELINE]["steps_ms"])]
+        assert r["overhead_pct"] == pytest.approx(statistics.median(ratios))
+        assert r["overhead_range_pct"] == pytest.approx([min(ratios), max(ratios)])
+        assert f"{r['overhead_pct']:+.1f}%" in line

@@ -11,7 +11,14 @@ from ...extras import require
 from ..options import check_min, resolve_device
 from .op import DTYPES, HEADER, PRESETS, bench_shape, format_row
 from .step import run_e2e
-from .timing import copy_bandwidth, geometric_mean, git_commit, machine_description, steady_allocator
+from .timing import (
+    ALLOCATOR_LABELS,
+    copy_bandwidth,
+    geometric_mean,
+    git_commit,
+    machine_description,
+    steady_allocator,
+)
 
 
 def _shape(text: str) -> tuple[int, int, int, int]:
@@ -47,19 +54,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--e2e",
         action="store_true",
-        help="instead: one training step of a CIFAR ResNet-56 (batch 128) plain, instrumented, "
-        "and with hooks",
+        help="instead: one training step of a CIFAR ResNet-56 (batch 128) plain, converted, "
+        "instrumented, and with hooks",
     )
-    parser.add_argument("--steps", type=int, default=10, help="--e2e: timed steps per variant")
+    parser.add_argument(
+        "--steps", type=int, default=21, help="--e2e: timed rounds (one step of each variant per round)"
+    )
+    parser.add_argument(
+        "--steady-allocator",
+        action="store_true",
+        help="CPU: keep freed memory in the process (glibc mallopt) instead of the default allocator "
+        "a training process has; labelled in the output",
+    )
 
 
 def main(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     check_min(args, ("repeats", "steps"), 1)
-    if device.type == "cpu":
-        steady_allocator()
+    # Off by default: a training process runs with the allocator's defaults (timing.py).
+    steady = args.steady_allocator and device.type == "cpu" and steady_allocator()
     if args.e2e:
-        return run_e2e(device, args.steps, args.json)
+        return run_e2e(device, args.steps, args.json, steady_allocator=steady)
 
     shapes = [s for name in (args.preset or []) for s in PRESETS[name]] + list(args.shape or [])
     if not shapes:
@@ -69,6 +84,7 @@ def main(args: argparse.Namespace) -> int:
     copy = copy_bandwidth(device)
     machine = machine_description(device)
     print(f"{machine}; copy bandwidth {copy:.1f} GB/s")
+    print(f"allocator: {ALLOCATOR_LABELS[steady]}")
     print(HEADER)
     configs = [(s, cl) for s in shapes for cl in layouts]
     rows = []
@@ -104,6 +120,7 @@ def main(args: argparse.Namespace) -> int:
             "machine": machine,
             "commit": git_commit(),
             "date": time.strftime("%Y-%m-%d"),
+            "allocator": "steady" if steady else "default",
             "copy_gbps": copy,
             "repeats": args.repeats,
             "rows": [r.as_dict() for r in rows],

@@ -7,9 +7,12 @@ candidates run round by round in an order rotated every round, so drifts of the 
 cache state left by the previous call hit them alike; medians over the rounds are reported with
 the interquartile range.
 
-CPU allocations: glibc returns large freed blocks to the OS and page-faults them back in on
-first touch, at a cost that depends on what ran before. steady_allocator() keeps freed memory in
-the process so repeated calls measure the kernels; it applies to every candidate alike.
+CPU allocations: glibc returns large freed blocks to the OS (blocks above its mmap threshold,
+and the free top of its heap beyond the trim threshold) and page-faults them back in on first
+touch, at a cost that depends on what ran before. Training processes run with glibc's defaults,
+so the benchmarks do too; steady_allocator() (`gradstats bench --steady-allocator`, off by
+default) keeps freed memory in the process instead, for measuring the kernels without that
+noise. Either way it applies to every candidate alike, and the output says which was used.
 """
 
 from __future__ import annotations
@@ -68,10 +71,17 @@ class _Timer:
         return begin.elapsed_time(end)
 
 
-def time_interleaved(
+ALLOCATOR_LABELS = {
+    False: "default (glibc as the environment configures it, as in a training process)",
+    True: "steady (steady_allocator(): freed memory kept in the process)",
+}
+
+
+def time_rounds(
     fns: list[Callable[[], object]], repeats: int, device: torch.device, warmup: int = 3
-) -> list[tuple[float, float]]:
-    """(median, interquartile range) in ms of each fn, measured round-robin in rotating order."""
+) -> list[list[float]]:
+    """Per fn, its time in ms in each round: fns run round-robin in an order rotated every round,
+    so times[i][r] and times[j][r] were measured next to each other."""
     timer = _Timer(device)
     for fn in fns:
         for _ in range(warmup):
@@ -83,14 +93,25 @@ def time_interleaved(
         for k in range(len(fns)):
             i = (k + r) % len(fns)
             times[i].append(timer(fns[i]))
+    return times
+
+
+def quartiles(values: list[float]) -> tuple[float, float]:
+    """(first, third) quartile; the whole range when there are too few values for quartiles."""
+    if len(values) >= 4:
+        q1, _, q3 = statistics.quantiles(values, n=4)
+        return q1, q3
+    return min(values), max(values)
+
+
+def time_interleaved(
+    fns: list[Callable[[], object]], repeats: int, device: torch.device, warmup: int = 3
+) -> list[tuple[float, float]]:
+    """(median, interquartile range) in ms of each fn, measured round-robin in rotating order."""
     out = []
-    for t in times:
-        if len(t) >= 4:
-            q1, _, q3 = statistics.quantiles(t, n=4)
-            spread = q3 - q1
-        else:  # too few rounds for quartiles: the whole range
-            spread = max(t) - min(t)
-        out.append((statistics.median(t), spread))
+    for t in time_rounds(fns, repeats, device, warmup):
+        q1, q3 = quartiles(t)
+        out.append((statistics.median(t), q3 - q1))
     return out
 
 

@@ -16,9 +16,9 @@ import torch.nn.functional as F
 from conftest import cli_error
 
 from gradstats import batchnorms
-from gradstats.tools.bench.op import HEADER, PRESETS, bench_shape
 from gradstats.tools.bench import cli as bench_cli
 from gradstats.tools.bench import step as bench_step
+from gradstats.tools.bench.op import HEADER, PRESETS, bench_shape
 from gradstats.tools.bench.step import BASELINE, VARIANTS, _variants, summarize
 from gradstats.tools.cli import main as cli_main
 
@@ -127,6 +127,7 @@ def test_e2e_variants_do_equal_work(one_thread):
         outputs[name] = loss.item()
     assert list(outputs) == [v.name for v in VARIANTS] and VARIANTS[0].name == BASELINE
     assert outputs["convert"] == pytest.approx(outputs["plain"], rel=1e-5)
+    assert outputs["per-sample"] == pytest.approx(outputs["plain"], rel=1e-5)
     assert outputs["gradstats"] == pytest.approx(outputs["plain"], rel=1e-5)
     assert outputs["hooks"] == pytest.approx(outputs["plain"], rel=1e-5)
     hooked = models["hooks"][2]
@@ -203,3 +204,12 @@ def test_e2e_reports_every_variant_and_the_allocator(steady, small_e2e, tmp_path
         assert r["overhead_pct"] == pytest.approx(statistics.median(ratios))
         assert r["overhead_range_pct"] == pytest.approx([min(ratios), max(ratios)])
         assert f"{r['overhead_pct']:+.1f}%" in line
+    # per-sample is also compared with the variant it adds to, round by round.
+    compared = results["per-sample"]["compared_with"]
+    ratios = [
+        100 * (a / b - 1) for a, b in zip(results["per-sample"]["steps_ms"], results["convert"]["steps_ms"])
+    ]
+    assert compared["variant"] == "convert" and compared["overhead_pct"] == pytest.approx(
+        statistics.median(ratios)
+    )
+    assert f"vs convert: {compared['overhead_pct']:+.1f}%" in out

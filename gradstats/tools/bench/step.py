@@ -5,6 +5,8 @@ the variants of VARIANTS, all built from the same weights (adding a variant is o
   plain      nn.BatchNorm2d, no statistics
   convert    gradstats.convert_batchnorm(): every BN records its dy and dx statistics
   gradstats  gradstats.instrument(): every BN converted, a probe on every residual block
+  per-sample convert, with per_sample=True: also the per-sample terms of the BN parameter
+             gradients and their statistics over samples (compared with convert as well)
   hooks      plain BN with tensor hooks computing torch.var_mean of dy and dx at every BN layer
              (what users do today; results kept on the device, no host synchronisation)
 The variants run round by round in rotating order, so each round times every variant next to
@@ -73,9 +75,14 @@ def _instrument(model: nn.Module) -> None:
     instrument(model)
 
 
+def _convert_per_sample(model: nn.Module) -> None:
+    convert_batchnorm(model, per_sample=True)
+
+
 VARIANTS = [
     Variant(BASELINE, lambda model: None),
     Variant("convert", _convert),
+    Variant("per-sample", _convert_per_sample),
     Variant("gradstats", _instrument),
     Variant("hooks", _add_var_mean_hooks),
 ]
@@ -93,6 +100,10 @@ def _variants(device: torch.device, variants: list[Variant] = VARIANTS):
         model.to(device).train()
         models[variant.name] = (model, torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9), results)
     return models
+
+
+# A variant that adds one feature to another is also compared with that one (the feature's cost).
+COMPARED_WITH = {"per-sample": "convert"}
 
 
 def _minor_faults() -> int:
@@ -114,25 +125,42 @@ def summarize(names: list[str], times: list[list[float]], faults: list[list[int]
             "minor_faults": f,
         }
         if name != BASELINE:
-            overheads = [100 * (a / b - 1) for a, b in zip(t, base)]
-            r["overhead_pct"] = statistics.median(overheads)
-            r["overhead_iqr_pct"] = list(quartiles(overheads))
-            r["overhead_range_pct"] = [min(overheads), max(overheads)]
+            r.update(_overhead(t, base))
+        other = COMPARED_WITH.get(name)
+        if other in names:
+            r["compared_with"] = {"variant": other, **_overhead(t, times[names.index(other)])}
         results[name] = r
     return results
 
 
+def _overhead(times: list[float], reference: list[float]) -> dict:
+    """Median, IQR and range of the per-round overhead (%) of ``times`` over ``reference``."""
+    overheads = [100 * (a / b - 1) for a, b in zip(times, reference)]
+    return {
+        "overhead_pct": statistics.median(overheads),
+        "overhead_iqr_pct": list(quartiles(overheads)),
+        "overhead_range_pct": [min(overheads), max(overheads)],
+    }
+
+
 def format_results(results: dict) -> list[str]:
-    lines = [
-        f"  {'variant':<10} {'median ms':>10} {'iqr ms':>8} {'faults/step':>12}   overhead: median [IQR] (range)"
-    ]
+    header = f"  {'variant':<10} {'median ms':>10} {'iqr ms':>8} {'faults/step':>12}"
+    lines = [header + "   overhead: median [IQR] (range)"]
     for name, r in results.items():
         line = f"  {name:<10} {r['step_ms']:10.1f} {r['iqr_ms']:8.1f} {r['minor_faults_per_step']:12.0f}"
         if "overhead_pct" in r:
-            (q1, q3), (lo, hi) = r["overhead_iqr_pct"], r["overhead_range_pct"]
-            line += f"   {r['overhead_pct']:+.1f}% [{q1:+.1f}%, {q3:+.1f}%] ({lo:+.1f}% .. {hi:+.1f}%)"
+            line += "   " + _format_overhead(r)
         lines.append(line)
+        if "compared_with" in r:
+            compared = r["compared_with"]
+            indent = " " * len(header)
+            lines.append(f"{indent}   vs {compared['variant']}: {_format_overhead(compared)}")
     return lines
+
+
+def _format_overhead(r: dict) -> str:
+    (q1, q3), (lo, hi) = r["overhead_iqr_pct"], r["overhead_range_pct"]
+    return f"{r['overhead_pct']:+.1f}% [{q1:+.1f}%, {q3:+.1f}%] ({lo:+.1f}% .. {hi:+.1f}%)"
 
 
 def run_e2e(

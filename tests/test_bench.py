@@ -18,7 +18,7 @@ from conftest import cli_error
 from gradstats import batchnorms
 from gradstats.tools.bench import cli as bench_cli
 from gradstats.tools.bench import step as bench_step
-from gradstats.tools.bench.op import HEADER, PRESETS, bench_shape
+from gradstats.tools.bench.op import HEADER, PER_SAMPLE_HEADER, PRESETS, bench_shape
 from gradstats.tools.bench.step import BASELINE, VARIANTS, _variants, summarize
 from gradstats.tools.cli import main as cli_main
 
@@ -83,6 +83,30 @@ def test_bench_rows_summary_and_json(tmp_path, capsys):
     assert payload["repeats"] == 2 and payload["machine"]
     assert payload["allocator"] == "default"
     assert any(line.startswith("allocator: default") for line in out)
+    assert all(r["per_sample_ms"] is None for r in rows)  # timed only when asked
+    assert "per_sample_vs_fused_geomean" not in summary
+
+
+def test_bench_per_sample_columns(tmp_path, capsys):
+    """--per-sample times the op with per_sample=True too: two more columns, consistent with
+    the JSON, and a geometric mean of per-sample/fused."""
+    path = tmp_path / "bench.json"
+    argv = ["bench", "--shape", "4,3,5,5", "--both-layouts", "--repeats", "2", "--per-sample"]
+    assert cli_main([*argv, "--json", str(path)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    header = out.index(HEADER + PER_SAMPLE_HEADER)
+    lines = out[header + 1 : header + 3]
+    assert len({len(line) for line in lines}) == 1  # fixed width
+    payload = json.loads(path.read_text())
+    rows = payload["rows"]
+    assert [r["layout"] for r in rows] == ["nchw", "channels_last"]
+    for r, line in zip(rows, lines):
+        assert r["per_sample_ms"] > 0 and r["per_sample_iqr_ms"] >= 0
+        assert r["per_sample_vs_fused"] == pytest.approx(r["per_sample_ms"] / r["fused_ms"])
+        assert float(line.split()[-1]) == pytest.approx(r["per_sample_vs_fused"], abs=6e-4)
+    geomean = payload["summary"]["per_sample_vs_fused_geomean"]
+    assert geomean == pytest.approx(statistics.geometric_mean([r["per_sample_vs_fused"] for r in rows]))
+    assert f"per-sample/fused {geomean:.3f}" in "\n".join(out)
 
 
 @pytest.mark.parametrize(

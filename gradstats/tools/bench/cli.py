@@ -9,7 +9,7 @@ import time
 
 from ...extras import require
 from ..options import check_min, resolve_device
-from .op import DTYPES, HEADER, PRESETS, bench_shape, format_row
+from .op import DTYPES, HEADER, PER_SAMPLE_HEADER, PRESETS, bench_shape, format_row
 from .step import run_e2e
 from .timing import (
     ALLOCATOR_LABELS,
@@ -52,6 +52,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--json", metavar="PATH", help="write the rows and the summary as JSON")
     parser.add_argument(
+        "--per-sample",
+        action="store_true",
+        help="also time the op with per_sample=True (columns per-sample ms, per-sample/fused)",
+    )
+    parser.add_argument(
         "--e2e",
         action="store_true",
         help="instead: one training step of a CIFAR ResNet-56 (batch 128) plain, converted, "
@@ -85,7 +90,7 @@ def main(args: argparse.Namespace) -> int:
     machine = machine_description(device)
     print(f"{machine}; copy bandwidth {copy:.1f} GB/s")
     print(f"allocator: {ALLOCATOR_LABELS[steady]}")
-    print(HEADER)
+    print(HEADER + (PER_SAMPLE_HEADER if args.per_sample else ""))
     configs = [(s, cl) for s in shapes for cl in layouts]
     rows = []
     progress = None
@@ -94,7 +99,9 @@ def main(args: argparse.Namespace) -> int:
         # disable=None: no bar when the output is not a terminal (logs stay clean)
         progress = tqdm(total=len(configs), desc="bench", leave=False, unit="config", disable=None)
     for shape, channels_last in configs:
-        row = bench_shape(shape, dtype, channels_last, device, args.repeats, copy_gbps=copy)
+        row = bench_shape(
+            shape, dtype, channels_last, device, args.repeats, copy_gbps=copy, per_sample=args.per_sample
+        )
         rows.append(row)
         line = format_row(row)
         if progress is not None:
@@ -109,12 +116,16 @@ def main(args: argparse.Namespace) -> int:
         "unfused_vs_fused_geomean": geometric_mean([r.unfused_vs_fused for r in rows]),
         "fused_pct_copy_geomean": geometric_mean([r.fused_pct_copy for r in rows]),
     }
+    if args.per_sample:
+        summary["per_sample_vs_fused_geomean"] = geometric_mean([r.per_sample_vs_fused for r in rows])
     print(
         f"geometric mean over {len(rows)} configurations: "
         f"fused/native {summary['fused_vs_native_geomean']:.3f}, "
         f"unfused/fused {summary['unfused_vs_fused_geomean']:.2f}, "
         f"fused at {summary['fused_pct_copy_geomean']:.0f}% of copy bandwidth"
     )
+    if args.per_sample:
+        print(f"per-sample/fused {summary['per_sample_vs_fused_geomean']:.3f} (geometric mean)")
     if args.json:
         payload = {
             "machine": machine,

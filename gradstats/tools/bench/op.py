@@ -6,6 +6,9 @@ bias all requested):
   native   PyTorch's backward: cudnn_batch_norm_backward where nn.BatchNorm2d would use cuDNN
            (CUDA, cuDNN enabled), aten::native_batch_norm_backward otherwise
   unfused  native + torch.var_mean of dy and of dx: what backward hooks cost a user today
+and, when asked (per_sample=True, `gradstats bench --per-sample`):
+  per-sample  fused with per_sample=True: the gradients' per-sample terms on top, which must cost
+              (nearly) nothing, as they ride on the pass that reads dy
 (timing: gradstats.tools.bench.timing).
 
 Bytes. A train-mode batch-norm backward must read dy and x to form its sums, then read them again
@@ -75,6 +78,8 @@ class Row:
     bytes: int
     copy_gbps: float
     native_kind: str
+    per_sample_ms: float | None = None  # None: not timed
+    per_sample_iqr_ms: float | None = None
 
     @property
     def fused_gbps(self) -> float:
@@ -96,6 +101,10 @@ class Row:
     def unfused_vs_fused(self) -> float:
         return self.unfused_ms / self.fused_ms
 
+    @property
+    def per_sample_vs_fused(self) -> float | None:
+        return None if self.per_sample_ms is None else self.per_sample_ms / self.fused_ms
+
     def as_dict(self) -> dict:
         d = asdict(self)
         d["shape"] = list(self.shape)
@@ -105,6 +114,7 @@ class Row:
             fused_pct_copy=self.fused_pct_copy,
             fused_vs_native=self.fused_vs_native,
             unfused_vs_fused=self.unfused_vs_fused,
+            per_sample_vs_fused=self.per_sample_vs_fused,
         )
         return d
 
@@ -146,6 +156,7 @@ def bench_shape(
     repeats=20,
     seed=0,
     copy_gbps: float | None = None,
+    per_sample: bool = False,
 ) -> Row:
     device = torch.device(device)
     g = torch.Generator(device="cpu").manual_seed(seed)
@@ -171,7 +182,13 @@ def bench_shape(
             dx, dim=(0, 2, 3), correction=0
         )
 
-    (f, fi), (n, ni), (u, ui) = time_interleaved([fused, native, unfused], repeats, device)
+    def fused_per_sample():
+        return bn_backward_stats(dy, x, weight, mean, invstd, True, True, True)
+
+    candidates = [fused, native, unfused] + ([fused_per_sample] if per_sample else [])
+    times = time_interleaved(candidates, repeats, device)
+    (f, fi), (n, ni), (u, ui) = times[:3]
+    p, pi = times[3] if per_sample else (None, None)
     if copy_gbps is None:
         copy_gbps = copy_bandwidth(device)
     return Row(
@@ -188,6 +205,8 @@ def bench_shape(
         5 * x.numel() * x.element_size(),
         copy_gbps,
         native_kind,
+        p,
+        pi,
     )
 
 
@@ -195,14 +214,20 @@ HEADER = (
     f"{'shape':<20} {'dtype':<9} {'layout':<13} {'fused ms':>16} {'native ms':>16} "
     f"{'unfused ms':>11} {'GB/s':>7} {'%copy':>6} {'fused/native':>12} {'unfused/fused':>13}"
 )
+# Appended to HEADER when the per-sample variant is timed.
+PER_SAMPLE_HEADER = f" {'per-sample ms':>16} {'per-sample/fused':>16}"
 
 
 def format_row(row: Row) -> str:
     shape = "x".join(map(str, row.shape))
     fused = f"{row.fused_ms:.3f}+-{row.fused_iqr_ms / 2:.3f}"
     native = f"{row.native_ms:.3f}+-{row.native_iqr_ms / 2:.3f}"
-    return (
+    line = (
         f"{shape:<20} {row.dtype:<9} {row.layout:<13} {fused:>16} {native:>16} {row.unfused_ms:>11.3f} "
         f"{row.fused_gbps:>7.1f} {row.fused_pct_copy:>5.0f}% {row.fused_vs_native:>12.3f} "
         f"{row.unfused_vs_fused:>13.2f}"
     )
+    if row.per_sample_ms is not None:
+        per_sample = f"{row.per_sample_ms:.3f}+-{row.per_sample_iqr_ms / 2:.3f}"
+        line += f" {per_sample:>16} {row.per_sample_vs_fused:>16.3f}"
+    return line

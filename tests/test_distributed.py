@@ -25,7 +25,7 @@ from torch.nn.parallel import DistributedDataParallel
 import gradstats
 from gradstats import distributed
 from gradstats.models import cifar_resnet
-from gradstats.stats import GradStats
+from gradstats.stats import GradStats, PerSampleStats
 from gradstats.syncbn import GradStatSyncBatchNorm2d, convert_sync_batchnorm
 from gradstats.tools import launch
 from gradstats.tools.checkpoint import load_checkpoint
@@ -44,12 +44,12 @@ pytestmark = [
 ]
 
 
-def _model(sync: bool) -> torch.nn.Module:
+def _model(sync: bool, per_sample: bool = False) -> torch.nn.Module:
     torch.manual_seed(0)
     model = cifar_resnet(8, num_classes=5)
     if sync:
-        convert_sync_batchnorm(model)
-    return gradstats.instrument(model).double()
+        convert_sync_batchnorm(model, per_sample=per_sample)
+    return gradstats.instrument(model, per_sample=per_sample).double()
 
 
 def _batches():
@@ -84,7 +84,7 @@ def _worker(rank: int, store: str, out: str, sync: bool) -> None:
         mine = slice(rank * LOCAL_BATCH, (rank + 1) * LOCAL_BATCH)
         result = {}
         for ignore in (True, False) if not sync else (True,):
-            model = _model(sync)
+            model = _model(sync, per_sample=sync)  # SyncBN: its per-sample path too
             net = launch.wrap_ddp(model, ctx) if ignore else DistributedDataParallel(model)
             grads = _train(net, model, lambda x, y: [(x[mine], y[mine], 1.0)])
             modules = _recorders(model)
@@ -164,7 +164,7 @@ def test_two_ranks_equal_one_process_per_rank_batchnorm(tmp_path):
 
 def test_two_ranks_sync_batchnorm_equal_one_process_on_global_batch(tmp_path):
     results = _spawn(tmp_path, sync=True)
-    model = _model(sync=False)  # plain GradStatBatchNorm2d on all 2B samples
+    model = _model(sync=False, per_sample=True)  # plain GradStatBatchNorm2d on all 2B samples
     grads = _train(model, model, lambda x, y: [(x, y, 1.0)])
     names, expected = _accumulated(model)
     for rank, result in enumerate(results):
@@ -172,6 +172,15 @@ def test_two_ranks_sync_batchnorm_equal_one_process_on_global_batch(tmp_path):
         _assert_grads(ok["grads"], grads, f"rank {rank} SyncBN DDP gradients")
         for name, a, e in zip(names, ok["merged"], expected):
             _assert_stats(a, e, f"rank {rank} {name}")
+            # Each rank's samples' terms given the global batch: over the ranks, the terms of
+            # one process on the global batch.
+            pa, pe = PerSampleStats.from_slot(a), PerSampleStats.from_slot(e)
+            assert (pa is None) == (pe is None) == (".grad_probe" in name), name
+            for kind in ("grad_weight", "grad_bias") if pe is not None else ():
+                ca, ce = getattr(pa, kind), getattr(pe, kind)
+                assert torch.equal(ca.count, ce.count), f"{name} {kind} count"
+                assert_close_scaled(ca.mean, ce.mean, ce.std + ce.mean.abs(), TOL, f"{name} {kind} mean")
+                assert_close_scaled(ca.var, ce.var, ce.var, TOL, f"{name} {kind} var")
 
 
 def test_sync_batchnorm_without_process_group_is_gradstat_batchnorm():
@@ -211,6 +220,7 @@ def test_sync_batchnorm_forward_with_nonfinite_input_is_nan_like_batchnorm(tmp_p
             0.9,
             None,
             1,
+            None,  # no per-sample terms kept
         )
         expected = plain(x)
         assert out[:, [0, 2]].isnan().all() and expected[:, [0, 2]].isnan().all()

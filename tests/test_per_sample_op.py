@@ -11,7 +11,6 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import (
-    CUDA_EMULATED,
     DEVICES,
     FLOAT_DTYPES,
     TOL,
@@ -24,19 +23,6 @@ from test_op import SHAPES, check_against_reference
 
 from gradstats.ops import bn_backward_stats
 from gradstats.reference import per_sample_reference
-
-
-def _same_grad_bias(with_samples, without, dy):
-    """grad_bias with and without per_sample. CPU: bitwise the same (the same sums in the same
-    order). CUDA: the per-sample plan maps threads to values differently, so the sums are
-    added in another order: equal up to float rounding of sum |dy|."""
-    if not CUDA_EMULATED and with_samples.device.type == "cpu":
-        assert torch.equal(with_samples, without)
-        return
-    dims = (0, *range(2, dy.dim()))
-    scale = dy.double().abs().sum(dims)
-    assert_close_scaled(with_samples.double(), without.double(), scale, 2 * TOL[dy.dtype], "grad_bias")
-
 
 EXTRA_SHAPES = [
     (2, 3, 100, 100),  # NCHW: H*W > 8192, a chunk ends inside a row and the next spans two rows
@@ -81,10 +67,10 @@ def check_per_sample(per_sample, dy, x, mean, invstd, what="per_sample"):
 @MODES
 def test_per_sample_matches_reference(device, dtype, channels_last, shape, training):
     """The [2, N, C] terms against float64; summed over N they are grad_bias and grad_weight.
-    The other outputs are those of per_sample=False up to rounding: the same terms in the same
-    order, but the compiler may fuse a multiply-add in one build of a loop and not in the
-    other (see the kernel's file comment). grad_bias, a sum without products, is bitwise the
-    same on the CPU (see _same_grad_bias)."""
+    The other outputs match the reference as closely as without per_sample: the kernels form
+    grad_bias and grad_weight from the per-sample runs then (see the CPU kernel's file
+    comment), so they, and train-mode dx through them, may round differently in the last bits
+    (and the compiler may fuse the multiply-adds of a loop in one build and not the other)."""
     seed = seed_for("per_sample", device, dtype, channels_last, shape, training)
     for affine, grad_input_mask in ((True, True), (False, True), (True, False)):
         dy, x, weight, mean, invstd = make_bn_inputs(
@@ -96,7 +82,6 @@ def test_per_sample_matches_reference(device, dtype, channels_last, shape, train
         check_against_reference(
             with_samples[:4], dy, x, weight, mean, invstd, training, grad_input_mask, dtype
         )
-        _same_grad_bias(with_samples[2], without[2], dy)
         for a, b in zip(with_samples[:4], without):
             assert a.shape == b.shape and a.dtype == b.dtype
         per_sample = with_samples[4]
@@ -143,7 +128,6 @@ def test_per_sample_other_ranks(device, dtype, training, shape, memory_format):
     out = bn_backward_stats(dy, x, weight, mean, invstd, training, True, True)
     assert out[0].shape == x.shape
     check_per_sample(out[4], dy, x, mean, invstd)
-    _same_grad_bias(out[2], bn_backward_stats(dy, x, weight, mean, invstd, training, True)[2], dy)
 
 
 @pytest.mark.parametrize("device", DEVICES)

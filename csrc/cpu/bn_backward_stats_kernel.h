@@ -20,15 +20,15 @@
 // bitwise identical run to run and for any number of threads.
 //
 // Per-sample sums (p.per_sample, template flag kPerSample; the passes that read dy for the
-// gradients only): sum dy and sum dy*(x - mean) of each (sample, channel), formed by the same
-// loop that forms the chunk sums, in accumulators of their own, so the other outputs sum the same
-// terms in the same order as without them; they may still differ in the last bits, because the
-// compiler contracts `sum += a * b` into a fused multiply-add or not depending on the code
-// around it (GCC leaves some accumulation chains of single values unfused, and which ones
-// depends on what else the loop holds). A row segment (the values of one sample met
-// in one uninterrupted run of the loop) accumulates in acc_t lanes; segments add up in double,
-// samples split between parts are merged in part order, and each value is rounded to acc_t once
-// when written (the weight term times invstd in double, as grad_weight).
+// gradients only): sum dy and sum dy*(x - mean) of each (sample, channel) cost no extra work per
+// value. The chunk's own lanes of these two sums start over at each run of one sample's values
+// (NCHW: a segment of a row; channels_last: a row block, cut at sample boundaries) and so hold
+// that run's sums at its end: they go to the sample (in double) and to the chunk (in double for
+// NCHW, in acc_t onto the earlier blocks' sums for channels_last). So grad_bias and
+// grad_weight (and, through them, train-mode dx and its statistics) round a little differently
+// from a call without per-sample sums, no worse; the statistics of dy are the same computation.
+// Samples split between parts are merged in part order, and each per-sample value is rounded to
+// acc_t once when written (the weight term times invstd in double, as grad_weight).
 
 #include <algorithm>
 #include <cmath>
@@ -152,26 +152,29 @@ inline double lane_total(const Vec& v) {
   return s;
 }
 
+// sum dy and sum dy * (x - mean): with per-sample sums, they start over at each segment (NCHW) or
+// row block (channels_last) of one sample, whose sums they then are, and carry on from there.
+constexpr bool is_gradient_sum(int q) { return q == kSumDy || q == kSumDyXmu; }
+
+// The lanes of v added in double as a tree (lane l + lane l + L/2, ...): the compiler turns it into
+// a few vector additions, where lane_total is L dependent ones. For the per-sample sums of NCHW
+// segments, which end every row.
+template <typename Vec, int L>
+inline double lane_tree_total(const Vec& v) {
+  double d[L];
+  for (int l = 0; l < L; ++l) d[l] = static_cast<double>(v[l]);
+  for (int w = L / 2; w >= 1; w /= 2) {
+    for (int l = 0; l < w; ++l) d[l] += d[l + w];
+  }
+  return d[0];
+}
+
 // Per-channel constants in acc_t, structure-of-arrays for the channels_last inner loop.
 template <typename acc_t>
 struct Coeffs {
   std::vector<acc_t> mean, scale, mean_dy, k;
   explicit Coeffs(int64_t C) : mean(C), scale(C), mean_dy(C), k(C) {}
 };
-
-// A segment's per-sample sums: sum dy and sum dy * (x - mean) of one sample's values.
-template <typename V>
-struct SampleSums {
-  V dy, dy_xmu;
-};
-
-template <bool kOn, typename V>
-GS_VEC_INLINE void accumulate_sample(V dy, V x, V mean, SampleSums<V>& s) {
-  if constexpr (kOn) {
-    s.dy += dy;
-    s.dy_xmu += dy * (x - mean);
-  }
-}
 
 // Writes the per-sample sums of sample n, channel c (totals in double): rounded once.
 template <typename acc_t>
@@ -204,7 +207,7 @@ void nchw_task(const BnBackwardProblem& p, const Coeffs<acc_type_t<scalar_t>>& c
   const acc_t mean = cf.mean[c], scale = cf.scale[c], mean_dy = cf.mean_dy[c], k = cf.k[c];
   const vec mean_v = vec{} + mean, scale_v = vec{} + scale, mean_dy_v = vec{} + mean_dy, k_v = vec{} + k;
   const bool stream = kStore && stream_output<scalar_t>(p);
-  // kPerSample: the current row's sums over the segments so far.
+  // kPerSample: the current row's sums over its segments so far.
   [[maybe_unused]] double row_dy = 0, row_dy_xmu = 0;
 
   // One iteration of the outer loop is one chunk: its sums are locals of the loop body, so they
@@ -226,14 +229,18 @@ void nchw_task(const BnBackwardProblem& p, const Coeffs<acc_type_t<scalar_t>>& c
     ChunkSums<vec> lanes{};   // the vector body
     ChunkSums<acc_t> tail{};  // the remainder of segments whose length is not a multiple of L
     int64_t filled = 0;
+    // kPerSample: the chunk's sum dy and sum dy * (x - mean), over its segments.
+    [[maybe_unused]] double chunk_dy = 0, chunk_dy_xmu = 0;
     while (filled < kChunk && n < n_end) {
       const int64_t len = std::min(HW - i0, kChunk - filled);
       const int64_t at = n * row_stride + i0;
       const scalar_t* __restrict__ dy_r = dy + at;
       const scalar_t* __restrict__ x_r = x + at;
       scalar_t* __restrict__ dx_r = kStore ? dx + at : nullptr;
-      [[maybe_unused]] SampleSums<vec> row_lanes{};  // kPerSample: the segment's sums
-      [[maybe_unused]] SampleSums<acc_t> row_tail{};
+      if constexpr (kPerSample) {  // the gradient sums start over: they become the segment's
+        lanes.v[kSumDy] = lanes.v[kSumDyXmu] = vec{};
+        tail.v[kSumDy] = tail.v[kSumDyXmu] = acc_t(0);
+      }
       int64_t i = 0;
       if (stream) {
         // Streaming stores need aligned vectors: the segment's first values up to the next
@@ -245,17 +252,15 @@ void nchw_task(const BnBackwardProblem& p, const Coeffs<acc_type_t<scalar_t>>& c
                 ? 0
                 : std::min(len, (kAlign - misalign) / static_cast<int64_t>(sizeof(scalar_t)));
         for (; i < head; ++i) {
-          const acc_t dy_i = IO::load1(dy_r + i), x_i = IO::load1(x_r + i);
-          const acc_t v = update<P, scalar_t>(dy_i, x_i, mean, scale, mean_dy, k, p_dy, p_dx, tail);
-          accumulate_sample<kPerSample>(dy_i, x_i, mean, row_tail);
+          const acc_t v = update<P, scalar_t>(IO::load1(dy_r + i), IO::load1(x_r + i), mean, scale, mean_dy,
+                                              k, p_dy, p_dx, tail);
           IO::store1(dx_r + i, v);
         }
       }
       const bool stream_here = stream && stream_aligned<scalar_t, L>(dx_r + i);
       for (; i + L <= len; i += L) {
-        const vec dy_i = IO::load(dy_r + i), x_i = IO::load(x_r + i);
-        const vec v = update<P, scalar_t>(dy_i, x_i, mean_v, scale_v, mean_dy_v, k_v, p_dy_v, p_dx_v, lanes);
-        accumulate_sample<kPerSample>(dy_i, x_i, mean_v, row_lanes);
+        const vec v = update<P, scalar_t>(IO::load(dy_r + i), IO::load(x_r + i), mean_v, scale_v, mean_dy_v,
+                                          k_v, p_dy_v, p_dx_v, lanes);
         if constexpr (kStore) {
           if (stream_here) {
             IO::store_stream(dx_r + i, v);
@@ -265,14 +270,18 @@ void nchw_task(const BnBackwardProblem& p, const Coeffs<acc_type_t<scalar_t>>& c
         }
       }
       for (; i < len; ++i) {
-        const acc_t dy_i = IO::load1(dy_r + i), x_i = IO::load1(x_r + i);
-        const acc_t v = update<P, scalar_t>(dy_i, x_i, mean, scale, mean_dy, k, p_dy, p_dx, tail);
-        accumulate_sample<kPerSample>(dy_i, x_i, mean, row_tail);
+        const acc_t v = update<P, scalar_t>(IO::load1(dy_r + i), IO::load1(x_r + i), mean, scale, mean_dy, k,
+                                            p_dy, p_dx, tail);
         if constexpr (kStore) IO::store1(dx_r + i, v);
       }
       if constexpr (kPerSample) {
-        row_dy += lane_total<vec, L>(row_lanes.dy) + static_cast<double>(row_tail.dy);
-        row_dy_xmu += lane_total<vec, L>(row_lanes.dy_xmu) + static_cast<double>(row_tail.dy_xmu);
+        const double seg_dy = lane_tree_total<vec, L>(lanes.v[kSumDy]) + static_cast<double>(tail.v[kSumDy]);
+        const double seg_dy_xmu =
+            lane_tree_total<vec, L>(lanes.v[kSumDyXmu]) + static_cast<double>(tail.v[kSumDyXmu]);
+        chunk_dy += seg_dy;
+        chunk_dy_xmu += seg_dy_xmu;
+        row_dy += seg_dy;
+        row_dy_xmu += seg_dy_xmu;
         if (i0 + len == HW) {
           store_sample<acc_t>(p, n, c, row_dy, row_dy_xmu);
           row_dy = row_dy_xmu = 0;
@@ -288,6 +297,10 @@ void nchw_task(const BnBackwardProblem& p, const Coeffs<acc_type_t<scalar_t>>& c
     double totals[kNumSums];
     for (int q = 0; q < kNumSums; ++q) {
       totals[q] = lane_total<vec, L>(lanes.v[q]) + static_cast<double>(tail.v[q]);
+    }
+    if constexpr (kPerSample) {
+      totals[kSumDy] = chunk_dy;
+      totals[kSumDyXmu] = chunk_dy_xmu;
     }
     auto recount = [&](bool want_dx, double pivot) {
       ShiftedSums finite;
@@ -464,7 +477,7 @@ void nhwc_task(const BnBackwardProblem& p, const Coeffs<acc_type_t<scalar_t>>& c
         p_dx_v[b] = AccIO::load(p_dx + j);
         if (rb0 != r0) {  // carry on from the chunk's earlier row blocks
           for (int q = 0; q < kNumSums; ++q) {
-            if (pass_uses(P, q)) s[b].v[q] = AccIO::load(sums[q] + j);
+            if (pass_uses(P, q) && !(kPerSample && is_gradient_sum(q))) s[b].v[q] = AccIO::load(sums[q] + j);
           }
         }
       }
@@ -472,7 +485,6 @@ void nhwc_task(const BnBackwardProblem& p, const Coeffs<acc_type_t<scalar_t>>& c
       // not follow from DRAM: each strip asks for its own columns of the row one block ahead,
       // a few lines per row processed, spread out rather than in one burst per row.
       const int64_t ahead_rows = kPrefetchBlocks * block_rows;
-      [[maybe_unused]] SampleSums<vec> ps[K] = {};  // kPerSample: the block's, one sample's
       for (int64_t r = rb0; r < rb1; ++r) {
         if (r + ahead_rows < prefetch_end) {
           const int64_t ahead = (r + ahead_rows) * C + j0;
@@ -485,10 +497,8 @@ void nhwc_task(const BnBackwardProblem& p, const Coeffs<acc_type_t<scalar_t>>& c
         }
         for (int b = 0; b < K; ++b) {
           const int64_t off = r * C + j0 + b * L;
-          const vec dy_r = IO::load(dy + off), x_r = IO::load(x + off);
-          const vec v = update<P, scalar_t>(dy_r, x_r, mean_v[b], scale_v[b], mean_dy_v[b], k_v[b], p_dy_v[b],
-                                            p_dx_v[b], s[b]);
-          if constexpr (kPerSample) accumulate_sample<true>(dy_r, x_r, mean_v[b], ps[b]);
+          const vec v = update<P, scalar_t>(IO::load(dy + off), IO::load(x + off), mean_v[b], scale_v[b],
+                                            mean_dy_v[b], k_v[b], p_dy_v[b], p_dx_v[b], s[b]);
           if constexpr (kStore) {
             if (stream_here) {
               IO::store_stream(dx + off, v);
@@ -498,11 +508,15 @@ void nhwc_task(const BnBackwardProblem& p, const Coeffs<acc_type_t<scalar_t>>& c
           }
         }
       }
-      if constexpr (kPerSample) {
+      if constexpr (kPerSample) {  // the block's gradient sums are one sample's; then the chunk's
         acc_t seg_dy[K * L], seg_dy_xmu[K * L];
         for (int b = 0; b < K; ++b) {
-          AccIO::store(seg_dy + b * L, ps[b].dy);
-          AccIO::store(seg_dy_xmu + b * L, ps[b].dy_xmu);
+          AccIO::store(seg_dy + b * L, s[b].v[kSumDy]);
+          AccIO::store(seg_dy_xmu + b * L, s[b].v[kSumDyXmu]);
+          if (rb0 != r0) {
+            s[b].v[kSumDy] += AccIO::load(sums[kSumDy] + j0 + b * L);
+            s[b].v[kSumDyXmu] += AccIO::load(sums[kSumDyXmu] + j0 + b * L);
+          }
         }
         sink.add(rb0 / p.HW, rb0, rb1, j0, K * L, seg_dy, seg_dy_xmu);
       }
@@ -523,18 +537,23 @@ void nhwc_task(const BnBackwardProblem& p, const Coeffs<acc_type_t<scalar_t>>& c
       for (; j < width; ++j) {  // channels past the last whole vector
         ChunkSums<acc_t> s{};
         if (rb0 != r0) {
-          for (int q = 0; q < kNumSums; ++q) s.v[q] = sums[q][j];
+          for (int q = 0; q < kNumSums; ++q) {
+            if (!(kPerSample && is_gradient_sum(q))) s.v[q] = sums[q][j];
+          }
         }
-        [[maybe_unused]] SampleSums<acc_t> ps{};
         for (int64_t r = rb0; r < rb1; ++r) {
           const int64_t off = r * C + j;
-          const acc_t dy_r = IO::load1(dy + off), x_r = IO::load1(x + off);
-          const acc_t v =
-              update<P, scalar_t>(dy_r, x_r, mean[j], scale[j], mean_dy[j], k[j], p_dy[j], p_dx[j], s);
-          accumulate_sample<kPerSample>(dy_r, x_r, mean[j], ps);
+          const acc_t v = update<P, scalar_t>(IO::load1(dy + off), IO::load1(x + off), mean[j], scale[j],
+                                              mean_dy[j], k[j], p_dy[j], p_dx[j], s);
           if constexpr (kStore) IO::store1(dx + off, v);
         }
-        if constexpr (kPerSample) sink.add(rb0 / p.HW, rb0, rb1, j, 1, &ps.dy, &ps.dy_xmu);
+        if constexpr (kPerSample) {  // as in the strips
+          sink.add(rb0 / p.HW, rb0, rb1, j, 1, &s.v[kSumDy], &s.v[kSumDyXmu]);
+          if (rb0 != r0) {
+            s.v[kSumDy] += sums[kSumDy][j];
+            s.v[kSumDyXmu] += sums[kSumDyXmu][j];
+          }
+        }
         for (int q = 0; q < kNumSums; ++q) sums[q][j] = s.v[q];
       }
     };

@@ -46,6 +46,9 @@
 //                x_hat = (x - mean) * invstd with the mean and invstd given (the batch's in
 //                training, the running ones in eval). Summed over n they are grad_bias and
 //                grad_weight up to rounding. Formed in the pass that reads dy: no extra pass.
+//                With per_sample, the kernels sum grad_bias and grad_weight (and so train-mode
+//                dx and the statistics) sample by sample: the same precision, but the last bits
+//                may differ from a call without it.
 //
 // Precision (both devices run the arithmetic of bn_backward_passes.h): values accumulate in
 // float32 (float64 for float64 storage) within chunks (CPU: at most 8192 values per channel; CUDA:

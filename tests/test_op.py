@@ -256,7 +256,8 @@ def test_opcheck(device):
             (dy, x, None, mean, invstd, False, True),
             (dy, x, weight, mean, invstd, True, False),
         ):
-            torch.library.opcheck(torch.ops.gradstats.bn_backward_stats.default, args)
+            for per_sample in ((), (True,)):  # the schema's default, and the per-sample output
+                torch.library.opcheck(torch.ops.gradstats.bn_backward_stats.default, args + per_sample)
     state = torch.zeros(3, 2, 4, 4, dtype=torch.float64, device=device)
     stats = torch.rand(2, 4, 4, dtype=torch.float64, device=device) + 1
     torch.library.opcheck(torch.ops.gradstats.record_grad_stats_.default, (state, stats, 0.9))

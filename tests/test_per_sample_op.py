@@ -170,24 +170,6 @@ def test_per_sample_off_and_dtypes(device, dtype):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_per_sample_opcheck(device):
-    for shape, channels_last, dtype in (
-        ((3, 4, 5, 2), False, torch.float32),
-        ((2, 6, 3, 3), True, torch.float64),
-        ((4, 3, 1, 1), False, torch.float16),
-    ):
-        dy, x, weight, mean, invstd = make_bn_inputs(
-            shape, dtype, device, channels_last=channels_last, seed=2
-        )
-        for args in (
-            (dy, x, weight, mean, invstd, True, True, True),
-            (dy, x, None, mean, invstd, False, True, True),
-            (dy, x, weight, mean, invstd, True, False, True),
-        ):
-            torch.library.opcheck(torch.ops.gradstats.bn_backward_stats.default, args)
-
-
-@pytest.mark.parametrize("device", DEVICES)
 def test_per_sample_under_torch_compile(device):
     """fullgraph torch.compile of the wrapper with per_sample=True: the fake kernel's shapes and
     dtypes, and the same values as eager."""

@@ -60,20 +60,22 @@ def convert_batchnorm(
     ValueError instead. A converted subclass whose forward does not call F.batch_norm is named
     in a warning the first time it runs without recording.
 
-    ``per_sample=True`` makes every layer also record the per-sample terms of its parameter
-    gradients (see GradStatBatchNorm2d), layers already recording included.
+    ``per_sample=True`` makes every layer with affine parameters also record the per-sample
+    terms of its parameter gradients (see GradStatBatchNorm2d), layers already recording
+    included; layers without (affine=False) record dy and dx only.
     """
     skipped = []
     for name, child in module.named_modules():
+        with_terms = per_sample and getattr(child, "weight", None) is not None  # affine layers only
         if isinstance(child, BatchNormRecorder):
-            if per_sample:
+            if with_terms:
                 child.record_per_sample()
             continue
         if _convertible(child):
             child.__class__ = recording_class(type(child))
             child._init_grad_stats(
                 child.num_features,
-                batch_norm_gradients(per_sample),
+                batch_norm_gradients(with_terms),
                 grad_stats_ema_decay,
                 _module_device(child),
             )

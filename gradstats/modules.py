@@ -361,9 +361,18 @@ class BatchNormRecorder(GradStatsRecorder):
 
     def __init__(self, *args, grad_stats_ema_decay: float = 0.9, per_sample: bool = False, **kwargs) -> None:
         super().__init__(*args, **kwargs)
+        if per_sample:
+            self._check_per_sample()
         self._init_grad_stats(
             self.num_features, batch_norm_gradients(per_sample), grad_stats_ema_decay, _module_device(self)
         )
+
+    def _check_per_sample(self) -> None:
+        if self.weight is None:
+            raise ValueError(
+                f"{type(self).__name__}: per_sample=True needs affine=True: the per-sample terms split "
+                "grad_weight and grad_bias, which a layer without affine parameters does not have"
+            )
 
     @property
     def grad_stats_per_sample(self) -> bool:
@@ -375,6 +384,8 @@ class BatchNormRecorder(GradStatsRecorder):
         dy/dx statistics recorded so far are kept; per-sample records start empty."""
         if enabled == self.grad_stats_per_sample:
             return
+        if enabled:
+            self._check_per_sample()
         gradients = batch_norm_gradients(enabled)
         for name in (STATE_BUFFER, "_grad_stats_pending"):
             old = self.__dict__.get(name)
@@ -388,10 +399,12 @@ class BatchNormRecorder(GradStatsRecorder):
 
     @property
     def last_per_sample_grads(self) -> tuple[Tensor, Tensor] | None:
-        """(grad_weight, grad_bias) split by sample, each [N, C], of the last backward (their
-        sums over N are the batch's grad_weight and grad_bias): sample n's terms given the
-        batch (see docs/noise.md). None before the first backward, without per_sample, or when
-        the backward ran compiled (the statistics over samples are recorded either way)."""
+        """(grad_weight, grad_bias) split by sample, each [N, C], of the last backward that ran
+        eagerly (their sums over N are that backward's grad_weight and grad_bias, in the units
+        of the loss it differentiated: scaled under a GradScaler): sample n's terms given the
+        batch (see docs/noise.md). None before the first eager backward or without
+        per_sample; a compiled backward does not update it (the statistics over samples are
+        recorded either way, unscaled under a tracked GradScaler)."""
         terms = self._last_per_sample_terms
         return None if terms is None else (terms[1], terms[0])
 

@@ -51,8 +51,9 @@ class NoiseScaleReport:
 
 @dataclass(frozen=True)
 class ParameterGSNR:
-    """Per channel [C] GSNR (mean^2 / variance over samples) of a layer's weight and bias terms;
-    NaN where fewer than two samples or zero variance."""
+    """Per channel [C] GSNR (the batches' squared mean over the variance within a batch, the
+    plug-in estimate: about 1/S above the ratio of the expectations) of a layer's weight and
+    bias terms; NaN where fewer than two samples per batch or zero variance."""
 
     weight: Tensor
     bias: Tensor

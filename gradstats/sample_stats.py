@@ -22,7 +22,9 @@ terms over all its samples (S_tot of them, pooled M2_s) and of the per-batch mea
                                                   expected term (the same appendix with B_small =
                                                   1, B_big = S: each batch's estimate, averaged)
     B_simple    = tr(Sigma) / |G|^2                 the simple noise scale
-    GSNR_j      = mean_sq_j / s2_j                  gradient signal-to-noise ratio (Liu et al. 2020)
+    GSNR_j      = mean_sq_j / s2_j                  gradient signal-to-noise ratio (Liu et al. 2020),
+                                                  the plug-in estimate: its expectation is
+                                                  G_j^2 / sigma_j^2 + 1/S
 For one batch (the "last" record) these are the textbook sample mean and variance. Over several
 batches, estimating per batch and averaging keeps the drift of the mean gradient between steps
 (the optimizer moves the weights) out of both the noise and the signal: pooling all samples into

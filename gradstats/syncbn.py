@@ -194,13 +194,14 @@ def convert_sync_batchnorm(
         recording = isinstance(child, BatchNormRecorder)
         child.__class__ = GradStatSyncBatchNorm2d
         child.process_group = process_group
+        with_terms = per_sample and child.weight is not None  # affine layers only, as convert_batchnorm
         if not recording:
             child._init_grad_stats(
                 child.num_features,
-                batch_norm_gradients(per_sample),
+                batch_norm_gradients(with_terms),
                 grad_stats_ema_decay,
                 _module_device(child),
             )
-        elif per_sample:
+        elif with_terms:
             child.record_per_sample()
     return module

@@ -285,3 +285,20 @@ def test_nonfinite_samples_are_counted_and_left_out():
     state = bn.grad_stats_state
     assert state.shape[1] == PER_SAMPLE_GRADIENTS
     assert gradstats.first_nonfinite(nn.Sequential(bn)).gradient == "grad_output"
+
+
+def test_layers_without_affine_parameters_have_no_per_sample_terms():
+    # The terms split grad_weight and grad_bias: a layer without them is refused when asked
+    # directly, and left to dy/dx by the converters (so it adds nothing to the noise scale).
+    with pytest.raises(ValueError, match="per_sample=True needs affine=True"):
+        GradStatBatchNorm2d(3, affine=False, per_sample=True)
+    bn = GradStatBatchNorm2d(3, affine=False)
+    with pytest.raises(ValueError, match="affine=True"):
+        bn.record_per_sample()
+    model = nn.Sequential(nn.BatchNorm2d(3, affine=False), nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4))
+    convert_batchnorm(model, per_sample=True)
+    assert not model[0].grad_stats_per_sample and model[2].grad_stats_per_sample
+    model(torch.randn(5, 3, 4, 4)).sum().backward()
+    assert list(gradstats.noise_scale(model, which="last").layers) == ["2"]
+    sync = gradstats.convert_sync_batchnorm(nn.Sequential(nn.BatchNorm2d(3, affine=False)), per_sample=True)
+    assert not sync[0].grad_stats_per_sample

@@ -417,8 +417,9 @@ def render_html(run: Run) -> str:
                 _figure(
                     _noise_scale(run),
                     "gradient noise scale B_simple over training and against the loss (docs/noise.md)",
-                    "no positive noise-scale estimate in any record: the |G|^2 estimate needs more "
-                    "samples per record (a longer --log-every)",
+                    "no positive noise-scale estimate in any record: the |G|^2 estimate was never "
+                    "positive (too few batches per record, or per-sample terms anti-correlated under "
+                    "BatchNorm: docs/noise.md)",
                 )
             )
     status = "finished" if summary is not None else "in progress (no summary.json)"

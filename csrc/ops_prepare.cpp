@@ -140,7 +140,8 @@ PreparedBnBackward prepare_bn_backward(const at::Tensor& grad_output, const at::
 }
 
 BnBackwardResult finish_bn_backward(PreparedBnBackward& p) {
-  return {p.grad_input, p.grad_weight.to(p.param_dtype), p.grad_bias.to(p.param_dtype), p.stats, p.per_sample};
+  return {p.grad_input, p.grad_weight.to(p.param_dtype), p.grad_bias.to(p.param_dtype), p.stats,
+          p.per_sample};
 }
 
 PreparedMoments prepare_channel_moments(const at::Tensor& input, c10::DeviceType device_type) {

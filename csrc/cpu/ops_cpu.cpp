@@ -50,9 +50,10 @@ void aten_parallel_for(int64_t size, int64_t grain, const RangeFn& fn) {
   at::parallel_for(0, size, grain, fn);
 }
 
-BnBackwardResult bn_backward_stats_cpu(
-    const at::Tensor& grad_output, const at::Tensor& input, const c10::optional<at::Tensor>& weight,
-    const at::Tensor& mean, const at::Tensor& invstd, bool training, bool grad_input_mask, bool per_sample) {
+BnBackwardResult bn_backward_stats_cpu(const at::Tensor& grad_output, const at::Tensor& input,
+                                       const c10::optional<at::Tensor>& weight, const at::Tensor& mean,
+                                       const at::Tensor& invstd, bool training, bool grad_input_mask,
+                                       bool per_sample) {
   PreparedBnBackward p = prepare_bn_backward(grad_output, input, weight, mean, invstd, training,
                                              grad_input_mask, per_sample, c10::DeviceType::CPU);
   kernel().fn(p.problem, &aten_parallel_for, at::get_num_threads());

@@ -45,9 +45,10 @@ void launch(const BnBackwardProblem& problem, const at::Tensor& like, const char
       what);
 }
 
-BnBackwardResult bn_backward_stats_cuda(
-    const at::Tensor& grad_output, const at::Tensor& input, const c10::optional<at::Tensor>& weight,
-    const at::Tensor& mean, const at::Tensor& invstd, bool training, bool grad_input_mask, bool per_sample) {
+BnBackwardResult bn_backward_stats_cuda(const at::Tensor& grad_output, const at::Tensor& input,
+                                        const c10::optional<at::Tensor>& weight, const at::Tensor& mean,
+                                        const at::Tensor& invstd, bool training, bool grad_input_mask,
+                                        bool per_sample) {
   c10::cuda::CUDAGuard guard(input.device());
   PreparedBnBackward p = prepare_bn_backward(grad_output, input, weight, mean, invstd, training,
                                              grad_input_mask, per_sample, c10::DeviceType::CUDA);

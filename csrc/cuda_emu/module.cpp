@@ -35,10 +35,10 @@ void run(const BnBackwardProblem& problem, int64_t num_sms, const char* op) {
                op);
 }
 
-BnBackwardResult bn_backward_stats(
-    const at::Tensor& grad_output, const at::Tensor& input, const c10::optional<at::Tensor>& weight,
-    const at::Tensor& mean, const at::Tensor& invstd, bool training, bool grad_input_mask, bool per_sample,
-    int64_t num_sms) {
+BnBackwardResult bn_backward_stats(const at::Tensor& grad_output, const at::Tensor& input,
+                                   const c10::optional<at::Tensor>& weight, const at::Tensor& mean,
+                                   const at::Tensor& invstd, bool training, bool grad_input_mask,
+                                   bool per_sample, int64_t num_sms) {
   PreparedBnBackward p = prepare_bn_backward(grad_output, input, weight, mean, invstd, training,
                                              grad_input_mask, per_sample, c10::DeviceType::CPU);
   run(p.problem, num_sms, "bn_backward_stats");

@@ -98,3 +98,19 @@ def test_analyze_per_sample_table_and_json(tmp_path, capsys):
     again = json.loads(path.read_text())["variants"]["bn_skip"]
     assert "noise_scale" not in again["summary"] and "noise_scale" not in again["blocks"][0]
     assert math.isfinite(again["summary"]["first_over_last"])
+
+
+def test_report_reads_untrusted_per_sample_values_as_missing(tmp_path):
+    # A run folder is untrusted input: a noise scale that is a string, a layer entry that is
+    # not an object, a name that is a list must not crash the report (they read as missing).
+    record = {
+        "step": 1,
+        "train_loss": 1.0,
+        "noise_scale": "huge",
+        "bn_layers": [{"name": ["x"], "noise_scale": 5.0}, "junk"],
+        "blocks": [],
+    }
+    second = {**record, "step": 2, "noise_scale": 7.0, "bn_layers": [{"name": ["x"], "noise_scale": "7"}]}
+    (tmp_path / "stats.jsonl").write_text(json.dumps(record) + "\n" + json.dumps(second) + "\n")
+    html = open(write_report(str(tmp_path)), encoding="utf-8").read()
+    assert "gradient noise scale B_simple over training" in html

@@ -156,24 +156,43 @@ def plot_noise_scale(records: list[dict[str, Any]], out: str) -> list[str]:
 
 def noise_scale_series(records: list[dict[str, Any]]):
     """(steps, model B_simple, train loss, {layer: B_simple}) of --per-sample records, the
-    layers being those with a defined value in at least half of them."""
+    layers being those with a defined value in at least half of them. Records may come from an
+    untrusted run folder (gradstats report): any value that is not a number reads as NaN."""
     steps = [r["step"] for r in records]
-    noise = np.array([_number(r.get("noise_scale")) for r in records], dtype=float)
-    loss = np.array([_number(r.get("train_loss")) for r in records], dtype=float)
-    names = [layer["name"] for layer in records[0].get("bn_layers", [])]
+    noise = np.array([finite_number(r.get("noise_scale")) for r in records], dtype=float)
+    loss = np.array([finite_number(r.get("train_loss")) for r in records], dtype=float)
     layers = {}
-    for i, name in enumerate(names):
+    for i, first in enumerate(_layer_entries(records[0])):
         values = np.array(
-            [
-                _number(r["bn_layers"][i].get("noise_scale")) if i < len(r["bn_layers"]) else math.nan
-                for r in records
-            ],
+            [finite_number(_layer_value(r, i, "noise_scale")) for r in records],
             dtype=float,
         )
         if (np.isfinite(values) & (values > 0)).sum() * 2 >= len(records):
-            layers[name] = values
+            layers[str(first.get("name"))] = values
     return steps, noise, loss, layers
 
 
-def _number(value) -> float:
-    return math.nan if value is None else float(value)
+def _layer_entries(record: dict[str, Any]) -> list[dict[str, Any]]:
+    entries = record.get("bn_layers")
+    return [e if isinstance(e, dict) else {} for e in entries] if isinstance(entries, list) else []
+
+
+def _layer_value(record: dict[str, Any], index: int, key: str):
+    entries = _layer_entries(record)
+    return entries[index].get(key) if index < len(entries) else None
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def finite_number(value: Any) -> float:
+    """A finite float from a record value, NaN for anything else (null, strings, lists, an
+    integer too big for a float)."""
+    if not _is_number(value):
+        return math.nan
+    try:
+        value = float(value)
+    except OverflowError:
+        return math.nan
+    return value if math.isfinite(value) else math.nan

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from .data import DataError
-from .logs import STATS_FILE, noise_scale_series
+from .logs import STATS_FILE, finite_number, noise_scale_series
 from .plots import block_variance_curves, noise_scale_curves, variance_heatmap
 from .safe_files import replace_in
 
@@ -54,7 +54,7 @@ class LayerSeries:
         rows, values = [], []
         for entry in _entries(record, self.group):
             rows.append(self.index.setdefault(entry["name"], len(self.index)))
-            values.append(_number(entry.get(self.key)))
+            values.append(finite_number(entry.get(self.key)))
         self.columns.append((np.array(rows, dtype=np.int64), np.array(values, dtype=np.float64)))
 
     @property
@@ -92,8 +92,8 @@ class Run:
 
     def add(self, record: dict[str, Any]) -> None:
         self.steps.append(record["step"])
-        self.train_loss.append(_number(record.get("train_loss")))
-        self.train_acc.append(_number(record.get("train_acc")))
+        self.train_loss.append(finite_number(record.get("train_loss")))
+        self.train_acc.append(finite_number(record.get("train_acc")))
         if "noise_scale" in record:
             self.noise_records.append(record)
         for series in self.series.values():
@@ -142,7 +142,7 @@ def _read_records(path: str, run: Run) -> None:
                     )
                     break
                 raise DataError(f"{path}, line {number}: not a JSON record ({error})") from None
-            if not isinstance(record, dict) or math.isnan(_number(record.get("step"))):
+            if not isinstance(record, dict) or math.isnan(finite_number(record.get("step"))):
                 raise DataError(f"{path}, line {number}: expected a JSON object with a numeric 'step'")
             run.add(record)
 
@@ -161,22 +161,6 @@ def _read_summary(path: str) -> dict[str, Any] | None:
     if alerts is not None and not isinstance(alerts, list):
         raise DataError(f"{path}: 'alerts' must be a list of objects, got {type(alerts).__name__}")
     return summary
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _number(value: Any) -> float:
-    """A finite float from a record value, NaN for anything else (null, strings, lists, an
-    integer too big for a float)."""
-    if not _is_number(value):
-        return math.nan
-    try:
-        value = float(value)
-    except OverflowError:
-        return math.nan
-    return value if math.isfinite(value) else math.nan
 
 
 def _entries(record: dict[str, Any], group: str) -> list[dict[str, Any]]:
@@ -243,7 +227,7 @@ def _evaluations(summary: dict[str, Any] | None) -> list[dict[str, Any]]:
     evals = (summary or {}).get("eval")
     if not isinstance(evals, list):
         return []
-    return [e for e in evals if isinstance(e, dict) and not math.isnan(_number(e.get("step")))]
+    return [e for e in evals if isinstance(e, dict) and not math.isnan(finite_number(e.get("step")))]
 
 
 def _training_curves(run: Run) -> str | None:
@@ -259,8 +243,8 @@ def _training_curves(run: Run) -> str | None:
     right.plot(steps, acc, "o-", ms=3, label="train (interval)")
     if evals:
         eval_steps = [e["step"] for e in evals]
-        left.plot(eval_steps, [_number(e.get("test_loss")) for e in evals], "s--", ms=4, label="test")
-        right.plot(eval_steps, [_number(e.get("test_acc")) for e in evals], "s--", ms=4, label="test")
+        left.plot(eval_steps, [finite_number(e.get("test_loss")) for e in evals], "s--", ms=4, label="test")
+        right.plot(eval_steps, [finite_number(e.get("test_acc")) for e in evals], "s--", ms=4, label="test")
     for ax, what in ((left, "loss"), (right, "accuracy")):
         ax.set_xlabel("training step")
         ax.set_ylabel(what)

@@ -153,7 +153,9 @@ def per_sample_moments(terms: Tensor) -> Tensor:
     bias terms, then the batch's mean of each as one value (count 1, M2 0; count 0 when no
     sample was finite)."""
     samples, channels = terms.shape[1], terms.shape[2]
-    matrix = terms.flip(0).permute(1, 0, 2).reshape(samples, 2 * channels)  # [N, (weight, bias) x C]
+    matrix = torch.stack([terms[1], terms[0]], dim=1).reshape(
+        samples, 2 * channels
+    )  # [N, (weight, bias) x C], one copy
     over_samples = ops.channel_moments(matrix).reshape(ROWS, 2, channels).transpose(0, 1)
     batch_mean = torch.zeros_like(over_samples)
     batch_mean[:, ROW_COUNT] = (over_samples[:, ROW_COUNT] > 0).to(batch_mean.dtype)
